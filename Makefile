@@ -1,0 +1,52 @@
+# The README's commands. Each one does the whole set-up it needs on a fresh machine:
+# .venv (if missing) -> pinned dependencies -> the C++ extension -> the job.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+EXTENSION := torch_qwen_fused/_C.stamp
+CSRC := $(wildcard csrc/*.cpp csrc/*.h) setup.py
+
+.PHONY: setup test test-pypto demo bench bench-op bench-decode bench-pypto clean
+
+setup: $(EXTENSION)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, from its pin: a looser request would pull a multi-GB CUDA build.
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	@echo "== installing pinned dependencies into $(VENV)"
+	$(PY) -m pip install --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Built in place against the venv's torch (no build isolation); ninja prints progress.
+$(EXTENSION): $(DEPS_STAMP) $(CSRC)
+	@echo "== building torch_qwen_fused._C (first build: about a minute)"
+	$(PY) setup.py build_ext --inplace
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+# Every pypto CPU-replay case (seconds each).
+test-pypto: setup
+	$(PY) -m pytest -q -ra -m pypto_full tests/test_pypto_backend.py
+
+demo: setup
+	$(PY) -m torch_qwen_fused.demo
+
+bench: bench-op bench-decode
+
+bench-op: setup
+	$(PY) benchmarks/bench_op.py
+
+bench-decode: setup
+	$(PY) benchmarks/bench_decode.py
+
+bench-pypto: setup
+	$(PY) benchmarks/bench_pypto_costmodel.py
+
+clean:
+	rm -rf build torch_qwen_fused/_C*.so $(EXTENSION)

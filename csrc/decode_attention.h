@@ -1,0 +1,50 @@
+// Interface between the CPU op (fa_fused_cpu.cpp, which uses ATen) and the per-ISA attention
+// kernels (kernel_*.cpp, compiled for one instruction set each). Plain C++ only: the kernel files
+// must not pull ATen headers into code built for wider instructions.
+#pragma once
+
+#include <cstdint>
+
+namespace qwen_fused {
+
+// Cache element types, bit-compatible with float, c10::BFloat16 and c10::Half.
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct HalfBits {
+  uint16_t bits;
+};
+enum class CacheDtype { kFloat, kBFloat16, kHalf };
+
+// Tokens scored and accumulated together; a multiple of every vector width used.
+constexpr int64_t kTokenTile = 32;
+
+// One call's attention, split into work items over a flat (row, kv head, KV chunk) index.
+struct AttentionProblem {
+  const float* q;  // [batch, num_heads, head_dim], normed, roped and multiplied by the scale
+  const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
+  const void* v_cache;
+  CacheDtype cache_dtype;
+  const int32_t* block_table;  // [batch, max_blocks]
+  const int32_t* seq_lens;  // [batch]
+  int64_t batch, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  int64_t chunk_len, num_chunks;  // KV split: chunk c of a row covers tokens [c * chunk_len, (c + 1) * chunk_len)
+  // Per work item and query head of its group: running max, running sum, unnormalised output.
+  float* partial_max;  // [items, group]
+  float* partial_sum;  // [items, group]
+  float* partial_out;  // [items, group, head_dim]
+
+  int64_t group() const { return num_heads / num_kv_heads; }
+  int64_t num_items() const { return batch * num_kv_heads * num_chunks; }
+  // fp32 scratch one thread needs: scores and rescale factors of one token tile.
+  int64_t scratch_floats() const { return group() * (kTokenTile + 1); }
+};
+
+// Attends work items [begin, end); scratch holds scratch_floats() floats owned by the caller's thread.
+using AttendFn = void (*)(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
+
+void attend_generic(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
+void attend_avx2(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
+void attend_avx512(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
+
+}  // namespace qwen_fused

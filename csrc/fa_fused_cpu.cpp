@@ -1,0 +1,384 @@
+// CPU kernel of qwen::fa_fused. Three passes, each an at::parallel_for:
+//   1. per row: RMSNorm + RoPE of q (fp32, times the softmax scale) and of k; k and v rounded to
+//      the cache dtype and written into the new token's slot;
+//   2. per (row, kv head, KV chunk): flash-decoding attention over the paged cache, by the kernel
+//      built for the widest instruction set this CPU has (kernel_*.cpp);
+//   3. per (row, head): exact merge of the chunks' partial (max, sum, out) into the output.
+// The argument checks mirror torch_qwen_fused/validation.py and all run before the first write.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "decode_attention.h"
+
+namespace qwen_fused {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+// A KV chunk is never shorter than this: below it the merge costs more than the split gains.
+constexpr int64_t kMinChunkTokens = 256;
+// Enough work items per thread to even out ragged rows.
+constexpr int64_t kItemsPerThread = 4;
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+std::string shape_of(const at::Tensor& t) {
+  return c10::str(t.sizes());
+}
+
+void check_index_tensor(const char* name, const at::Tensor& t, int64_t batch) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, "fa_fused: ", name, " must have shape [", batch,
+                    "], got ", shape_of(t));
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "fa_fused: ", name,
+                    " must be int64 (or int32), got ", t.scalar_type());
+}
+
+// Mirrors validation.check_shapes.
+void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm_weight,
+                  const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+                  const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
+                  const std::optional<at::Tensor>& slot_mapping) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "fa_fused: q must be 3-D [batch, num_heads, head_dim], got ", q.dim(),
+                    "-D shape ", shape_of(q));
+  TORCH_CHECK_VALUE(is_supported_dtype(q.scalar_type()), "fa_fused: q must be float32, float16 or bfloat16, got ",
+                    q.scalar_type());
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK_VALUE(head_dim % 16 == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
+                    "fa_fused: q.shape[2] (head_dim) must be a multiple of 16 in [16, ", kMaxHeadDim, "], got ",
+                    head_dim);
+  TORCH_CHECK_VALUE(k.dim() == 3, "fa_fused: k must be 3-D [batch, num_kv_heads, head_dim], got ", k.dim(),
+                    "-D shape ", shape_of(k));
+  const int64_t num_kv_heads = k.size(1);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "fa_fused: num_heads (q.shape[1] = ",
+                    num_heads, ") must be a multiple of num_kv_heads (k.shape[1] = ", num_kv_heads, ")");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef({batch, num_kv_heads, head_dim}), "fa_fused: ", name,
+                      " must have shape [", batch, ", ", num_kv_heads, ", ", head_dim, "], got ", shape_of(t));
+    TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "fa_fused: ", name, " must have q's dtype ",
+                      q.scalar_type(), ", got ", t.scalar_type());
+  }
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"q_norm_weight", q_norm_weight}, {"k_norm_weight", k_norm_weight}}) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == head_dim, "fa_fused: ", name, " must have shape [", head_dim,
+                      "], got ", shape_of(t));
+    TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fa_fused: ", name, " must be a floating dtype, got ",
+                      t.scalar_type());
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim, "fa_fused: ", name, " must have shape [max_position, ",
+                      head_dim, "], got ", shape_of(t));
+    TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fa_fused: ", name, " must be a floating dtype, got ",
+                      t.scalar_type());
+  }
+  TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "fa_fused: sin must have cos's shape ", shape_of(cos), ", got ",
+                    shape_of(sin));
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, "fa_fused: k_cache must be 4-D [num_blocks, block_size, num_kv_heads, ",
+                    "head_dim], got ", k_cache.dim(), "-D shape ", shape_of(k_cache));
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  TORCH_CHECK_VALUE(num_blocks > 0 && block_size > 0, "fa_fused: k_cache must have num_blocks and block_size >= 1, got ",
+                    shape_of(k_cache));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache}}) {
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef({num_blocks, block_size, num_kv_heads, head_dim}), "fa_fused: ",
+                      name, " must have shape [", num_blocks, ", ", block_size, ", ", num_kv_heads, ", ", head_dim,
+                      "], got ", shape_of(t));
+    TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), "fa_fused: ", name,
+                      " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous(), "fa_fused: ", name, " must be contiguous (it is written in place), got strides ",
+                      t.strides());
+  }
+  TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "fa_fused: v_cache must have k_cache's dtype ",
+                    k_cache.scalar_type(), ", got ", v_cache.scalar_type());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == batch, "fa_fused: block_table must have shape [",
+                    batch, ", max_blocks], got ", shape_of(block_table));
+  TORCH_CHECK_VALUE(block_table.scalar_type() == at::kInt, "fa_fused: block_table must be int32, got ",
+                    block_table.scalar_type());
+  TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.size(0) == batch, "fa_fused: seq_lens must have shape [", batch,
+                    "], got ", shape_of(seq_lens));
+  TORCH_CHECK_VALUE(seq_lens.scalar_type() == at::kInt, "fa_fused: seq_lens must be int32, got ",
+                    seq_lens.scalar_type());
+  if (positions) check_index_tensor("positions", *positions, batch);
+  if (slot_mapping) check_index_tensor("slot_mapping", *slot_mapping, batch);
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"k", &k}, {"v", &v}, {"q_norm_weight", &q_norm_weight}, {"k_norm_weight", &k_norm_weight},
+      {"cos", &cos}, {"sin", &sin}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
+      {"block_table", &block_table}, {"seq_lens", &seq_lens},
+      {"positions", positions ? &*positions : nullptr}, {"slot_mapping", slot_mapping ? &*slot_mapping : nullptr}};
+  for (const auto& [name, t] : named) {
+    if (t) {
+      TORCH_CHECK_VALUE(t->device() == q.device(), "fa_fused: ", name, " must be on q's device ", q.device(),
+                        ", got ", t->device());
+    }
+  }
+}
+
+// Mirrors validation.check_values, on contiguous CPU copies of the index tensors.
+void check_values(const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& positions,
+                  const at::Tensor& slot_mapping, int64_t num_blocks, int64_t block_size, int64_t max_position,
+                  bool positions_given) {
+  const int64_t batch = seq_lens.size(0), max_blocks = block_table.size(1);
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* table = block_table.data_ptr<int32_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 1, "fa_fused: seq_lens[", b, "] must be >= 1 (it counts the new token), got ",
+                      lens[b]);
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t needed = (lens[b] + block_size - 1) / block_size;
+    TORCH_CHECK_VALUE(needed <= max_blocks, "fa_fused: seq_lens[", b, "] = ", lens[b], " needs ", needed,
+                      " blocks of ", block_size, ", but block_table has ", max_blocks, " columns");
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t needed = (lens[b] + block_size - 1) / block_size;
+    for (int64_t j = 0; j < needed; ++j) {
+      const int32_t block = table[b * max_blocks + j];
+      TORCH_CHECK_VALUE(block >= 0 && block < num_blocks, "fa_fused: block_table[", b, ", ", j, "] = ", block,
+                        " is outside the cache's blocks [0, ", num_blocks, ")");
+    }
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    if (positions_given) {
+      TORCH_CHECK_VALUE(pos[b] >= 0 && pos[b] < max_position, "fa_fused: positions[", b, "] = ", pos[b],
+                        " is outside the cos/sin table [0, ", max_position, ")");
+    } else {
+      TORCH_CHECK_VALUE(pos[b] < max_position, "fa_fused: default position seq_lens[", b, "] - 1 = ", pos[b],
+                        " is outside the cos/sin table [0, ", max_position, ")");
+    }
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(slots[b] >= -1 && slots[b] < num_blocks * block_size, "fa_fused: slot_mapping[", b, "] = ",
+                      slots[b], " is outside the cache's slots [0, ", num_blocks * block_size,
+                      ") (or -1 to skip the write)");
+  }
+}
+
+// The attention kernel for this CPU; TORCH_QWEN_FUSED_CPU_ISA=generic|avx2|avx512 forces one
+// (tests use it to cover every variant the machine can run).
+AttendFn select_attention_kernel() {
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const char* forced = std::getenv("TORCH_QWEN_FUSED_CPU_ISA");
+  const std::string isa = forced ? forced : "";
+  if (isa == "generic") return attend_generic;
+  if (isa == "avx2") {
+    TORCH_CHECK(has_avx2, "fa_fused: TORCH_QWEN_FUSED_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    return attend_avx2;
+  }
+  if (isa == "avx512") {
+    TORCH_CHECK(has_avx512, "fa_fused: TORCH_QWEN_FUSED_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/DQ");
+    return attend_avx512;
+  }
+  TORCH_CHECK(isa.empty(), "fa_fused: TORCH_QWEN_FUSED_CPU_ISA must be generic, avx2 or avx512, got '", isa, "'");
+  return has_avx512 ? attend_avx512 : has_avx2 ? attend_avx2 : attend_generic;
+}
+
+// Tokens per KV chunk: TORCH_QWEN_FUSED_KV_CHUNK if set (> 0), else enough chunks for every thread
+// to get kItemsPerThread work items, each at least kMinChunkTokens long.
+int64_t choose_chunk_len(int64_t batch, int64_t num_kv_heads, int64_t max_len) {
+  if (const char* forced = std::getenv("TORCH_QWEN_FUSED_KV_CHUNK")) {
+    const int64_t tokens = std::atoll(forced);
+    TORCH_CHECK(tokens > 0, "fa_fused: TORCH_QWEN_FUSED_KV_CHUNK must be a positive token count, got '", forced, "'");
+    return tokens;
+  }
+  const int64_t target_items = kItemsPerThread * at::get_num_threads();
+  const int64_t rows = batch * num_kv_heads;
+  const int64_t wanted_chunks = (target_items + rows - 1) / rows;
+  const int64_t max_chunks = std::max<int64_t>(1, (max_len + kMinChunkTokens - 1) / kMinChunkTokens);
+  const int64_t chunks = std::min(wanted_chunks, max_chunks);
+  const int64_t chunk_len = (max_len + chunks - 1) / chunks;
+  return (chunk_len + kTokenTile - 1) / kTokenTile * kTokenTile;
+}
+
+CacheDtype cache_dtype_of(at::ScalarType t) {
+  return t == at::kFloat ? CacheDtype::kFloat : t == at::kBFloat16 ? CacheDtype::kBFloat16 : CacheDtype::kHalf;
+}
+
+// x * rsqrt(mean(x^2) + eps) * w, then rotate-half RoPE, over one head of head_dim values (fp32).
+void norm_and_rope(float* x, const float* weight, const float* cos, const float* sin, int64_t head_dim, float eps,
+                   float* rotated) {
+  float sum_sq = 0.f;
+  for (int64_t i = 0; i < head_dim; ++i) sum_sq += x[i] * x[i];
+  const float inv_rms = 1.f / std::sqrt(sum_sq / static_cast<float>(head_dim) + eps);
+  for (int64_t i = 0; i < head_dim; ++i) x[i] = x[i] * inv_rms * weight[i];
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    rotated[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    rotated[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+  }
+}
+
+// Pass 1. q_out: [batch, num_heads, head_dim] fp32, scaled; k (roped) and v go to their slots.
+template <typename scalar_t, typename cache_t>
+void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
+                       const at::Tensor& k_weight, const at::Tensor& cos_rows, const at::Tensor& sin_rows,
+                       const int64_t* slots, float scale, float eps, at::Tensor& k_cache, at::Tensor& v_cache,
+                       at::Tensor& q_out) {
+  const int64_t batch = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
+  const scalar_t* q_in = q.data_ptr<scalar_t>();
+  const scalar_t* k_in = k.data_ptr<scalar_t>();
+  const scalar_t* v_in = v.data_ptr<scalar_t>();
+  cache_t* k_slots = k_cache.data_ptr<cache_t>();
+  cache_t* v_slots = v_cache.data_ptr<cache_t>();
+  float* q_dst = q_out.data_ptr<float>();
+  const float* qw = q_weight.data_ptr<float>();
+  const float* kw = k_weight.data_ptr<float>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(head_dim), rotated(head_dim);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* c = cos_rows.data_ptr<float>() + b * head_dim;
+      const float* s = sin_rows.data_ptr<float>() + b * head_dim;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const scalar_t* src = q_in + (b * num_heads + h) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(src[i]);
+        norm_and_rope(x.data(), qw, c, s, head_dim, eps, rotated.data());
+        float* dst = q_dst + (b * num_heads + h) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) dst[i] = rotated[i] * scale;
+      }
+      if (slots[b] < 0) continue;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t src_offset = (b * num_kv_heads + h) * head_dim;
+        const int64_t dst_offset = (slots[b] * num_kv_heads + h) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(k_in[src_offset + i]);
+        norm_and_rope(x.data(), kw, c, s, head_dim, eps, rotated.data());
+        for (int64_t i = 0; i < head_dim; ++i) {
+          k_slots[dst_offset + i] = static_cast<cache_t>(rotated[i]);
+          v_slots[dst_offset + i] = static_cast<cache_t>(static_cast<float>(v_in[src_offset + i]));
+        }
+      }
+    }
+  });
+}
+
+// Pass 3: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's non-empty chunks.
+template <typename scalar_t>
+void merge_chunks(const AttentionProblem& p, at::Tensor& out) {
+  const int64_t group = p.group(), head_dim = p.head_dim;
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, p.batch * p.num_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged(head_dim);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
+      const int64_t kv_head = h / group, g = h % group;
+      const int64_t chunks = (p.seq_lens[b] + p.chunk_len - 1) / p.chunk_len;
+      const int64_t first_item = (b * p.num_kv_heads + kv_head) * p.num_chunks;
+      float global_max = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) global_max = std::max(global_max, p.partial_max[(first_item + c) * group + g]);
+      float denominator = 0.f;
+      std::fill(merged.begin(), merged.end(), 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t item = first_item + c;
+        const float weight = std::exp(p.partial_max[item * group + g] - global_max);
+        denominator += weight * p.partial_sum[item * group + g];
+        const float* acc = p.partial_out + (item * group + g) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * acc[i];
+      }
+      for (int64_t i = 0; i < head_dim; ++i) dst[bh * head_dim + i] = static_cast<scalar_t>(merged[i] / denominator);
+    }
+  });
+}
+
+at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm_weight,
+                        const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
+                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
+                        const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale) {
+  check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens, positions,
+               slot_mapping);
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k.size(1), num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  if (batch == 0) return out;
+
+  const at::Tensor table = block_table.contiguous();
+  const at::Tensor lens = seq_lens.contiguous();
+  const at::Tensor lens64 = lens.to(at::kLong);
+  const at::Tensor pos = positions ? positions->to(at::kLong).contiguous() : lens64 - 1;
+  at::Tensor slots;
+  if (slot_mapping) {
+    slots = slot_mapping->to(at::kLong).contiguous();
+  } else {
+    // The last context token's slot; blocks are range-checked first, so clamp the lookup column.
+    const at::Tensor last = lens64 - 1;
+    const at::Tensor column = at::clamp(last.div(block_size, "floor"), 0, table.size(1) - 1);
+    slots = table.gather(1, column.unsqueeze(1)).squeeze(1).to(at::kLong) * block_size + last.remainder(block_size);
+  }
+  check_values(table, lens, pos, slots, num_blocks, block_size, cos.size(0), positions.has_value());
+
+  const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
+  const at::Tensor cos_rows = cos.index_select(0, pos).to(at::kFloat).contiguous();
+  const at::Tensor sin_rows = sin.index_select(0, pos).to(at::kFloat).contiguous();
+  const at::Tensor q_weight = q_norm_weight.to(at::kFloat).contiguous();
+  const at::Tensor k_weight = k_norm_weight.to(at::kFloat).contiguous();
+  at::Tensor q_prepared = at::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
+  const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
+    using q_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "fa_fused_write", [&] {
+      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, q_weight, k_weight, cos_rows, sin_rows,
+                                       slots.data_ptr<int64_t>(), softmax_scale, static_cast<float>(eps), k_cache,
+                                       v_cache, q_prepared);
+    });
+  });
+
+  AttentionProblem problem{};
+  problem.q = q_prepared.data_ptr<float>();
+  problem.k_cache = k_cache.data_ptr();
+  problem.v_cache = v_cache.data_ptr();
+  problem.cache_dtype = cache_dtype_of(k_cache.scalar_type());
+  problem.block_table = table.data_ptr<int32_t>();
+  problem.seq_lens = lens.data_ptr<int32_t>();
+  problem.batch = batch;
+  problem.num_heads = num_heads;
+  problem.num_kv_heads = num_kv_heads;
+  problem.head_dim = head_dim;
+  problem.block_size = block_size;
+  problem.max_blocks = table.size(1);
+  const int64_t max_len = lens.max().item<int32_t>();
+  problem.chunk_len = choose_chunk_len(batch, num_kv_heads, max_len);
+  problem.num_chunks = (max_len + problem.chunk_len - 1) / problem.chunk_len;
+  const int64_t group = problem.group();
+  const auto fp32 = q.options().dtype(at::kFloat);
+  at::Tensor partial_max = at::empty({problem.num_items(), group}, fp32);
+  at::Tensor partial_sum = at::empty({problem.num_items(), group}, fp32);
+  at::Tensor partial_out = at::empty({problem.num_items(), group, head_dim}, fp32);
+  problem.partial_max = partial_max.data_ptr<float>();
+  problem.partial_sum = partial_sum.data_ptr<float>();
+  problem.partial_out = partial_out.data_ptr<float>();
+
+  const AttendFn attend = select_attention_kernel();
+  at::Tensor scratch = at::empty({at::get_num_threads(), problem.scratch_floats()}, fp32);
+  float* thread_scratch = scratch.data_ptr<float>();
+  at::parallel_for(0, problem.num_items(), 1, [&](int64_t begin, int64_t end) {
+    attend(problem, begin, end, thread_scratch + at::get_thread_num() * problem.scratch_floats());
+  });
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_merge",
+                                  [&] { merge_chunks<scalar_t>(problem, out); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qwen, CPU, m) {
+  m.impl("fa_fused", &fa_fused_cpu);
+}
+
+}  // namespace qwen_fused

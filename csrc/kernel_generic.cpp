@@ -1,0 +1,9 @@
+// The attention kernel for any x86-64 (or other) CPU, built with the baseline flags.
+#include "vec_generic.h"
+#include "attention_kernel.h"
+
+namespace qwen_fused {
+void attend_generic(const AttentionProblem& p, int64_t begin, int64_t end, float* scratch) {
+  attend_items<VecGeneric>(p, begin, end, scratch);
+}
+}  // namespace qwen_fused

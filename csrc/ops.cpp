@@ -1,0 +1,19 @@
+// Schema of the qwen ops and the Python module entry point. Importing torch_qwen_fused._C only
+// runs the static registrations below and in the kernel files.
+#include <Python.h>
+#include <torch/library.h>
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(qwen, m) {
+  // One decode step of Qwen3 attention: qk RMSNorm, RoPE, paged KV-cache write, GQA attention.
+  // The caches are written in place (the new token's slot) and not returned.
+  m.def(
+      "fa_fused(Tensor q, Tensor k, Tensor v, Tensor q_norm_weight, Tensor k_norm_weight, "
+      "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
+      "Tensor seq_lens, Tensor? positions=None, Tensor? slot_mapping=None, float eps=1e-6, "
+      "float? scale=None) -> Tensor");
+}

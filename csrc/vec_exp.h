@@ -1,0 +1,26 @@
+// exp(x) for fp32 vectors, Cephes' expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6
+// polynomial, times 2^n built in the exponent bits. Relative error ~1e-7; inputs below -87.3
+// (masked or far-below-max scores) give exactly 0. Shared by the AVX2 and AVX-512 vectors.
+#pragma once
+
+namespace qwen_fused {
+namespace {
+
+template <class V>
+inline typename V::reg exp_cephes(typename V::reg x) {
+  x = V::max(V::min(x, V::set1(88.3762626647949f)), V::set1(-88.3762626647949f));
+  const auto n = V::floor(V::fmadd(x, V::set1(1.44269504088896341f), V::set1(0.5f)));
+  x = V::fmadd(n, V::set1(-0.693359375f), x);
+  x = V::fmadd(n, V::set1(2.12194440e-4f), x);
+  auto y = V::set1(1.9875691500e-4f);
+  y = V::fmadd(y, x, V::set1(1.3981999507e-3f));
+  y = V::fmadd(y, x, V::set1(8.3334519073e-3f));
+  y = V::fmadd(y, x, V::set1(4.1665795894e-2f));
+  y = V::fmadd(y, x, V::set1(1.6666665459e-1f));
+  y = V::fmadd(y, x, V::set1(5.0000001201e-1f));
+  y = V::fmadd(y, V::mul(x, x), V::add(x, V::set1(1.f)));
+  return V::mul(y, V::pow2(n));
+}
+
+}  // namespace
+}  // namespace qwen_fused

@@ -1,0 +1,100 @@
+// Portable 8-lane fp32 "vector" in plain C++: the baseline kernel for CPUs without AVX2, and the
+// path tests force to check the wider ones against. -O3 turns the lane loops into SSE.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "decode_attention.h"
+
+namespace qwen_fused {
+namespace {
+
+inline float bits_to_float(uint32_t bits) {
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// IEEE binary16 -> binary32, exact (normal, subnormal, inf and NaN inputs).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+struct VecGeneric {
+  static constexpr int64_t kWidth = 8;
+  struct reg {
+    float lane[kWidth];
+  };
+
+  static reg zero() { return set1(0.f); }
+  static reg set1(float x) {
+    reg r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = x;
+    return r;
+  }
+  static reg load(const float* p) {
+    reg r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = p[i];
+    return r;
+  }
+  static reg load(const BFloat16Bits* p) {
+    reg r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = bits_to_float(static_cast<uint32_t>(p[i].bits) << 16);
+    return r;
+  }
+  static reg load(const HalfBits* p) {
+    reg r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = half_to_float(p[i].bits);
+    return r;
+  }
+  static void store(float* p, reg a) {
+    for (int i = 0; i < kWidth; ++i) p[i] = a.lane[i];
+  }
+  static reg add(reg a, reg b) {
+    for (int i = 0; i < kWidth; ++i) a.lane[i] += b.lane[i];
+    return a;
+  }
+  static reg sub(reg a, reg b) {
+    for (int i = 0; i < kWidth; ++i) a.lane[i] -= b.lane[i];
+    return a;
+  }
+  static reg mul(reg a, reg b) {
+    for (int i = 0; i < kWidth; ++i) a.lane[i] *= b.lane[i];
+    return a;
+  }
+  static reg max(reg a, reg b) {
+    for (int i = 0; i < kWidth; ++i) a.lane[i] = a.lane[i] > b.lane[i] ? a.lane[i] : b.lane[i];
+    return a;
+  }
+  static reg fmadd(reg a, reg b, reg c) {
+    for (int i = 0; i < kWidth; ++i) c.lane[i] += a.lane[i] * b.lane[i];
+    return c;
+  }
+  static reg exp(reg a) {
+    for (int i = 0; i < kWidth; ++i) a.lane[i] = std::exp(a.lane[i]);
+    return a;
+  }
+  static float reduce_add(reg a) {
+    float sum = 0.f;
+    for (int i = 0; i < kWidth; ++i) sum += a.lane[i];
+    return sum;
+  }
+  static float reduce_max(reg a) {
+    float m = a.lane[0];
+    for (int i = 1; i < kWidth; ++i) m = a.lane[i] > m ? a.lane[i] : m;
+    return m;
+  }
+};
+
+}  // namespace
+}  // namespace qwen_fused

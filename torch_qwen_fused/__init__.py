@@ -1,0 +1,7 @@
+"""torch_qwen_fused: Qwen3 decode attention as one fused PyTorch op, ``torch.ops.qwen.fa_fused``."""
+
+from . import _C  # noqa: F401  (registers the op schema and the CPU kernel)
+from . import ops
+from .ops import BACKENDS, fa_fused, rope_cos_sin
+
+__all__ = ["fa_fused", "rope_cos_sin", "BACKENDS", "ops"]

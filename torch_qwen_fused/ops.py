@@ -1,0 +1,123 @@
+"""The public entry point ``fa_fused``, the fake kernel and the eager fallback registration."""
+
+import os
+from typing import Optional
+
+import torch
+
+from . import validation
+from .reference import fa_fused_eager
+
+__all__ = ["fa_fused", "rope_cos_sin", "BACKENDS"]
+
+BACKENDS = ("cpu", "eager", "pypto")
+BACKEND_ENV = "TORCH_QWEN_FUSED_BACKEND"
+
+
+def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor,
+             block_table: torch.Tensor, seq_lens: torch.Tensor,
+             positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
+             eps: float = 1e-6, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """One Qwen3 decode step of attention for a batch of sequences, each with one new token.
+
+    For each row b, with positions[b] (default seq_lens[b] - 1) as the new token's RoPE position:
+    q and k go through per-head RMSNorm (``q_norm_weight``, ``k_norm_weight``) and rotate-half RoPE
+    (``cos``, ``sin``), all in fp32. The roped k and the raw v are rounded once to the cache dtype and
+    written **in place** into ``k_cache``/``v_cache`` at the new token's slot (slot_mapping[b], default
+    the slot of token seq_lens[b] - 1 through ``block_table``), *before* attention reads the cache.
+    Then q attends to the row's first seq_lens[b] tokens (the new one included) with fp32 online
+    softmax, scaled by ``scale`` (default 1/sqrt(head_dim)).
+
+    GQA: the kv heads are shared by groups of query heads. With num_heads = 40 and num_kv_heads = 8,
+    query heads 0-4 attend to kv head 0, heads 5-9 to kv head 1, and so on
+    (head h uses kv head h // (num_heads // num_kv_heads)).
+
+    Arguments:
+        q: (batch_size, num_heads, head_dim), float32/float16/bfloat16. After the q projection,
+            before norm and RoPE. head_dim is a multiple of 16, at most 256.
+        k: (batch_size, num_kv_heads, head_dim), q's dtype. After the k projection, before norm and
+            RoPE. num_heads must be a multiple of num_kv_heads.
+        v: (batch_size, num_kv_heads, head_dim), q's dtype. Written to the cache as is.
+        q_norm_weight, k_norm_weight: (head_dim,), any float dtype. Qwen3's q_norm / k_norm weights.
+        cos, sin: (max_position, head_dim), any float dtype. Rotate-half tables
+            (``cat(freqs, freqs)``); see ``rope_cos_sin``.
+        k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim), contiguous,
+            float32/float16/bfloat16 (may differ from q's). Paged cache of one layer, vLLM's "NHD"
+            layout, any block_size >= 1. Updated in place at the new token's slot.
+        block_table: (batch_size, max_blocks), int32. Physical block of each logical block of each
+            row; only the first ceil(seq_lens[b] / block_size) entries of row b are read.
+        seq_lens: (batch_size,), int32. Context length of each row **including** the new token, >= 1;
+            rows may differ.
+        positions [optional]: (batch_size,), int64. RoPE position of the new token. Default
+            seq_lens - 1; differs from the cache position under left padding.
+        slot_mapping [optional]: (batch_size,), int64. Flat cache slot
+            ``block * block_size + offset`` for the new token; -1 skips the write of that row (its
+            output is then unspecified). Default: derived from block_table and seq_lens.
+        eps: float. RMSNorm epsilon. Default 1e-6.
+        scale [optional]: float. Softmax scale. Default 1 / sqrt(head_dim).
+        backend [optional]: None dispatches by device (the C++ kernel on the CPU, the eager fallback
+            on devices without a kernel, the pypto kernel on an Ascend NPU), unless the environment
+            variable TORCH_QWEN_FUSED_BACKEND names one; "cpu": the C++ kernel; "eager": the
+            pure-PyTorch fallback; "pypto": the pypto kernel replayed on the CPU by pypto's graph
+            interpreter (slow; for validation).
+
+    Return:
+        out: (batch_size, num_heads, head_dim), q's dtype.
+
+    Raises:
+        ValueError naming the argument, before anything is written, for any shape, dtype, device,
+        layout or index (seq_lens, block ids, positions, slots) outside the contract.
+    """
+    backend = backend or os.environ.get(BACKEND_ENV) or None
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+            positions, slot_mapping)
+    if backend is None:
+        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale)
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"fa_fused: backend='cpu' needs CPU tensors, got q on {q.device}")
+        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale)
+    if backend == "eager":
+        validation.validate(*args)
+        return fa_fused_eager(*args, eps=eps, scale=scale)
+    if backend == "pypto":
+        from . import pypto_backend
+
+        return pypto_backend.fa_fused_pypto(*args, eps=eps, scale=scale)
+    raise ValueError(f"fa_fused: backend must be None or one of {BACKENDS}, got {backend!r}")
+
+
+def rope_cos_sin(max_position: int, head_dim: int, rope_theta: float = 1e6,
+                 dtype: torch.dtype = torch.float32, device=None) -> tuple:
+    """Rotate-half RoPE tables [max_position, head_dim], computed as HF Qwen3's rotary embedding does.
+
+    ``inv_freq = 1 / theta^(2i / head_dim)``; ``freqs = position * inv_freq`` in fp32;
+    ``cos = cos(cat(freqs, freqs))``, likewise ``sin``. Qwen3 checkpoints use theta = 1e6.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope_theta ** exponents)
+    freqs = torch.outer(torch.arange(max_position, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@torch.library.register_fake("qwen::fa_fused")
+def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                   positions=None, slot_mapping=None, eps=1e-6, scale=None):
+    validation.check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
+                            seq_lens, positions, slot_mapping)
+    return q.new_empty(q.shape)
+
+
+# Every device without a kernel of its own (CUDA, MPS, XPU, ...) runs the eager fallback; the CPU
+# and the NPU (PrivateUse1) have dedicated kernels, which take precedence over this one.
+@torch.library.impl("qwen::fa_fused", "CompositeExplicitAutograd")
+def _fa_fused_fallback(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                       positions=None, slot_mapping=None, eps=1e-6, scale=None):
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+            positions, slot_mapping)
+    validation.validate(*args)
+    return fa_fused_eager(*args, eps=eps, scale=scale)

@@ -1,0 +1,112 @@
+"""Eager PyTorch implementation of ``qwen::fa_fused``: the readable reference and the fallback.
+
+Each step is a function named after the math (SPEC section 1). It runs on any device torch runs on
+and is the yardstick the fused kernels are tested against.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "rms_norm",
+    "rotate_half",
+    "apply_rope",
+    "write_cache",
+    "paged_attention",
+    "default_positions",
+    "default_slot_mapping",
+    "fa_fused_eager",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim, in fp32: ``x * rsqrt(mean(x^2) + eps) * w``."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half: ``[x1, x2] -> [-x2, x1]`` over the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` [B, H, D] at ``positions`` [B], with rotate-half tables [max_pos, D], in fp32."""
+    cos_at = cos.float()[positions].unsqueeze(1)
+    sin_at = sin.float()[positions].unsqueeze(1)
+    return x.float() * cos_at + rotate_half(x.float()) * sin_at
+
+
+def default_positions(seq_lens: torch.Tensor) -> torch.Tensor:
+    """The new token's RoPE position when none is given: the last index of its context."""
+    return seq_lens.long() - 1
+
+
+def default_slot_mapping(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache slot (``block * block_size + offset``) of each row's last context token."""
+    last = seq_lens.long() - 1
+    block = block_table.long().gather(1, (last // block_size).unsqueeze(1)).squeeze(1)
+    return block * block_size + last % block_size
+
+
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """Write k, v [B, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its row."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    rows = slot_mapping >= 0
+    slots = slot_mapping[rows]
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[rows].to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[rows].to(v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """GQA attention of one query token per row over its paged context, in fp32.
+
+    q: [B, Hq, D] (fp32). Returns [B, Hq, D] fp32. Row b attends to its first seq_lens[b] tokens,
+    which live in blocks block_table[b, :ceil(seq_lens[b] / block_size)].
+    """
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    max_len = int(seq_lens.max())
+    blocks_needed = -(-max_len // block_size)
+    used = block_table[:, :blocks_needed].long()
+    in_context = torch.arange(blocks_needed * block_size, device=q.device) < seq_lens.unsqueeze(1)
+    # Blocks past a row's context may hold any id; read block 0 there, the mask drops it.
+    used = torch.where(in_context[:, ::block_size], used, torch.zeros_like(used))
+
+    # [B, T, Hkv, D] -> [B, Hkv, T, D]
+    keys = k_cache[used].flatten(1, 2).transpose(1, 2).float()
+    values = v_cache[used].flatten(1, 2).transpose(1, 2).float()
+    queries = q.float().view(batch, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,bhtd->bhgt", queries, keys) * scale
+    scores = scores.masked_fill(~in_context[:, None, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgt,bhtd->bhgd", probs, values)
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
+                   eps: float = 1e-6, scale: Optional[float] = None) -> torch.Tensor:
+    """One decode step: qk-norm, RoPE, cache write, paged GQA attention. Inputs must be validated."""
+    if positions is None:
+        positions = default_positions(seq_lens)
+    if slot_mapping is None:
+        slot_mapping = default_slot_mapping(block_table, seq_lens, k_cache.shape[1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    positions = positions.long()
+    q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
+    k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
+    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long())
+    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale)
+    return out.to(q.dtype)
