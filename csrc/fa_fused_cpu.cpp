@@ -40,11 +40,16 @@ std::string shape_of(const at::Tensor& t) {
   return c10::str(t.sizes());
 }
 
+// As Python prints it ("torch.bfloat16"), so that the messages match validation.py's.
+std::string dtype_name(const at::Tensor& t) {
+  return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first);
+}
+
 void check_index_tensor(const char* name, const at::Tensor& t, int64_t batch) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, "fa_fused: ", name, " must have shape [", batch,
                     "], got ", shape_of(t));
   TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "fa_fused: ", name,
-                    " must be int64 (or int32), got ", t.scalar_type());
+                    " must be int64 (or int32), got ", dtype_name(t));
 }
 
 // Mirrors validation.check_shapes.
@@ -56,7 +61,7 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(q.dim() == 3, "fa_fused: q must be 3-D [batch, num_heads, head_dim], got ", q.dim(),
                     "-D shape ", shape_of(q));
   TORCH_CHECK_VALUE(is_supported_dtype(q.scalar_type()), "fa_fused: q must be float32, float16 or bfloat16, got ",
-                    q.scalar_type());
+                    dtype_name(q));
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   TORCH_CHECK_VALUE(head_dim % 16 == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
                     "fa_fused: q.shape[2] (head_dim) must be a multiple of 16 in [16, ", kMaxHeadDim, "], got ",
@@ -70,20 +75,20 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef({batch, num_kv_heads, head_dim}), "fa_fused: ", name,
                       " must have shape [", batch, ", ", num_kv_heads, ", ", head_dim, "], got ", shape_of(t));
     TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "fa_fused: ", name, " must have q's dtype ",
-                      q.scalar_type(), ", got ", t.scalar_type());
+                      dtype_name(q), ", got ", dtype_name(t));
   }
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor&>{"q_norm_weight", q_norm_weight}, {"k_norm_weight", k_norm_weight}}) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == head_dim, "fa_fused: ", name, " must have shape [", head_dim,
                       "], got ", shape_of(t));
     TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fa_fused: ", name, " must be a floating dtype, got ",
-                      t.scalar_type());
+                      dtype_name(t));
   }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
     TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim, "fa_fused: ", name, " must have shape [max_position, ",
                       head_dim, "], got ", shape_of(t));
     TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fa_fused: ", name, " must be a floating dtype, got ",
-                      t.scalar_type());
+                      dtype_name(t));
   }
   TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "fa_fused: sin must have cos's shape ", shape_of(cos), ", got ",
                     shape_of(sin));
@@ -97,20 +102,20 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       name, " must have shape [", num_blocks, ", ", block_size, ", ", num_kv_heads, ", ", head_dim,
                       "], got ", shape_of(t));
     TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), "fa_fused: ", name,
-                      " must be float32, float16 or bfloat16, got ", t.scalar_type());
+                      " must be float32, float16 or bfloat16, got ", dtype_name(t));
     TORCH_CHECK_VALUE(t.is_contiguous(), "fa_fused: ", name, " must be contiguous (it is written in place), got strides ",
                       t.strides());
   }
   TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "fa_fused: v_cache must have k_cache's dtype ",
-                    k_cache.scalar_type(), ", got ", v_cache.scalar_type());
+                    dtype_name(k_cache), ", got ", dtype_name(v_cache));
   TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == batch, "fa_fused: block_table must have shape [",
                     batch, ", max_blocks], got ", shape_of(block_table));
   TORCH_CHECK_VALUE(block_table.scalar_type() == at::kInt, "fa_fused: block_table must be int32, got ",
-                    block_table.scalar_type());
+                    dtype_name(block_table));
   TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.size(0) == batch, "fa_fused: seq_lens must have shape [", batch,
                     "], got ", shape_of(seq_lens));
   TORCH_CHECK_VALUE(seq_lens.scalar_type() == at::kInt, "fa_fused: seq_lens must be int32, got ",
-                    seq_lens.scalar_type());
+                    dtype_name(seq_lens));
   if (positions) check_index_tensor("positions", *positions, batch);
   if (slot_mapping) check_index_tensor("slot_mapping", *slot_mapping, batch);
   const std::pair<const char*, const at::Tensor*> named[] = {

@@ -112,12 +112,14 @@ def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
     return q.new_empty(q.shape)
 
 
-# Every device without a kernel of its own (CUDA, MPS, XPU, ...) runs the eager fallback; the CPU
-# and the NPU (PrivateUse1) have dedicated kernels, which take precedence over this one.
-@torch.library.impl("qwen::fa_fused", "CompositeExplicitAutograd")
 def _fa_fused_fallback(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
                        positions=None, slot_mapping=None, eps=1e-6, scale=None):
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
             positions, slot_mapping)
     validation.validate(*args)
     return fa_fused_eager(*args, eps=eps, scale=scale)
+
+
+# Every device without a kernel of its own (CUDA, MPS, XPU, ...) runs the eager fallback; the CPU
+# and the NPU (PrivateUse1) have dedicated kernels, which take precedence over this one.
+torch.library.impl("qwen::fa_fused", "CompositeExplicitAutograd", _fa_fused_fallback)

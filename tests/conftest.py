@@ -1,0 +1,176 @@
+"""Shared input builders for the fa_fused tests: random paged caches with shuffled block tables."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+
+import torch_qwen_fused
+
+# SPEC section 4: fused kernels vs the eager fallback.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=0.0),
+    torch.float16: dict(atol=2e-2, rtol=5e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=5e-3),
+}
+
+
+@dataclass
+class Case:
+    """Arguments of one fa_fused call, in schema order, plus what the test needs to check the caches."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_norm_weight: torch.Tensor
+    k_norm_weight: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+    slot_mapping: Optional[torch.Tensor] = None
+    written_rows: list = field(default_factory=list)
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.q_norm_weight, self.k_norm_weight, self.cos, self.sin,
+                self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.positions, self.slot_mapping)
+
+    def clone(self) -> "Case":
+        cloned = {name: (value.clone() if isinstance(value, torch.Tensor) else value)
+                  for name, value in self.__dict__.items()}
+        return Case(**cloned)
+
+    def slots(self) -> torch.Tensor:
+        """The flat slot each row's new token goes to (-1: none)."""
+        if self.slot_mapping is not None:
+            return self.slot_mapping.long()
+        block_size = self.k_cache.shape[1]
+        last = self.seq_lens.long() - 1
+        blocks = self.block_table.long().gather(1, (last // block_size).unsqueeze(1)).squeeze(1)
+        return blocks * block_size + last % block_size
+
+
+def make_case(seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+              cache_dtype=None, positions_offset: Optional[int] = 3, explicit_slots=False, skip_rows=(),
+              extra_blocks=3, max_position=None, seed=0) -> Case:
+    """A decode step over ragged ``seq_lens`` with a shuffled block table.
+
+    Blocks past a row's context are -1 in the table, so a kernel that reads them fails loudly.
+    ``positions_offset`` shifts RoPE positions away from ``seq_lens - 1`` (None: default positions);
+    ``skip_rows`` get slot -1 (implies explicit slots).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cache_dtype = cache_dtype or dtype
+    batch = len(seq_lens)
+    blocks_per_row = [math.ceil(n / block_size) for n in seq_lens]
+    max_blocks = max(blocks_per_row) + 1
+    num_blocks = sum(blocks_per_row) + extra_blocks
+    order = torch.randperm(num_blocks, generator=generator)
+    block_table = torch.full((batch, max_blocks), -1, dtype=torch.int32)
+    taken = 0
+    for row, count in enumerate(blocks_per_row):
+        block_table[row, :count] = order[taken:taken + count].int()
+        taken += count
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    positions = None
+    if positions_offset is not None:
+        positions = lens.long() - 1 + torch.randint(0, positions_offset + 1, (batch,), generator=generator)
+    max_position = max_position or int(max(seq_lens)) + (positions_offset or 0) + 8
+    cos, sin = torch_qwen_fused.rope_cos_sin(max_position, head_dim, rope_theta=1e6)
+    case = Case(
+        q=randn(batch, num_heads, head_dim),
+        k=randn(batch, num_kv_heads, head_dim),
+        v=randn(batch, num_kv_heads, head_dim),
+        q_norm_weight=torch.rand(head_dim, generator=generator) + 0.5,
+        k_norm_weight=torch.rand(head_dim, generator=generator) + 0.5,
+        cos=cos,
+        sin=sin,
+        k_cache=randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype),
+        v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype),
+        block_table=block_table,
+        seq_lens=lens,
+        positions=positions,
+    )
+    if explicit_slots or skip_rows:
+        slots = case.slots()
+        for row in skip_rows:
+            slots[row] = -1
+        case.slot_mapping = slots
+    case.written_rows = [row for row in range(batch) if row not in skip_rows]
+    return case
+
+
+def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+
+
+def check_against(result_case: Case, result_out: torch.Tensor, expected_case: Case, expected_out: torch.Tensor,
+                  original: Case) -> dict:
+    """Output of written rows and the whole caches: the new slots agree, every other byte is untouched.
+
+    Returns the max abs errors seen.
+    """
+    # A low-precision cache bounds the output's precision too, whatever q's dtype.
+    low_precision = result_out.dtype if result_out.dtype != torch.float32 else result_case.k_cache.dtype
+    tol = TOLERANCES[low_precision]
+    rows = result_case.written_rows
+    torch.testing.assert_close(result_out[rows].float(), expected_out[rows].float(), **tol)
+    slots = original.slots()[rows]
+    errors = {"out": (result_out[rows].float() - expected_out[rows].float()).abs().max().item()}
+    for name in ("k_cache", "v_cache"):
+        flat_result = getattr(result_case, name).flatten(0, 1)
+        flat_expected = getattr(expected_case, name).flatten(0, 1)
+        flat_original = getattr(original, name).flatten(0, 1)
+        # Cache values scale with the norm weights: fp32 gets a relative bound too.
+        cache_tol = TOLERANCES[flat_result.dtype] | ({"rtol": 1e-6} if flat_result.dtype == torch.float32 else {})
+        torch.testing.assert_close(flat_result[slots].float(), flat_expected[slots].float(), **cache_tol)
+        assert not torch.equal(flat_result[slots], flat_original[slots]), f"{name}: new slots not written"
+        untouched = torch.ones(flat_result.shape[0], dtype=torch.bool)
+        untouched[slots] = False
+        assert_same_bytes(flat_result[untouched], flat_original[untouched])
+        errors[name] = (flat_result[slots].float() - flat_expected[slots].float()).abs().max().item()
+    return errors
+
+
+def run_backend(case: Case, backend: str, **kwargs):
+    """Runs a fresh copy of ``case`` through ``backend``; returns (case after the call, output)."""
+    working = case.clone()
+    out = torch_qwen_fused.fa_fused(*working.args(), backend=backend, **kwargs)
+    return working, out
+
+
+@pytest.fixture
+def fresh_env(monkeypatch):
+    """Unset the kernel switches so each test picks its own."""
+    for name in ("TORCH_QWEN_FUSED_CPU_ISA", "TORCH_QWEN_FUSED_KV_CHUNK", "TORCH_QWEN_FUSED_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+# Max abs error per (backend, dtype, quantity) over the run, printed at the end of the session.
+MAX_ERRORS: dict = {}
+
+
+def record_errors(backend: str, case: Case, errors: dict) -> None:
+    dtype = str(case.q.dtype).replace("torch.", "")
+    if case.k_cache.dtype != case.q.dtype:
+        dtype += "/" + str(case.k_cache.dtype).replace("torch.", "") + " cache"
+    for quantity, value in errors.items():
+        key = (backend, dtype, quantity)
+        MAX_ERRORS[key] = max(MAX_ERRORS.get(key, 0.0), value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MAX_ERRORS:
+        terminalreporter.section("fa_fused max abs error vs the eager fallback")
+        for (backend, dtype, quantity), value in sorted(MAX_ERRORS.items()):
+            terminalreporter.write_line(f"{backend:>10} {dtype:>24} {quantity:>8}: {value:.3e}")

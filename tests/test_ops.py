@@ -1,0 +1,278 @@
+"""The op and its Python API: the fused CPU kernel against the eager fallback and independent references."""
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import torch_qwen_fused
+from conftest import TOLERANCES, check_against, make_case, record_errors, run_backend
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BLOCK_SIZES = [1, 16, 48, 128]
+HEAD_LAYOUTS = [(4, 4), (10, 2), (40, 8), (16, 2)]
+HEAD_DIMS = [64, 128]
+
+
+def ragged_lens(block_size):
+    """1, a full block, one past it, and more than 4 blocks."""
+    return [1, block_size, block_size + 1, 4 * block_size + 3]
+
+
+def cpu_supports(isa: str) -> bool:
+    flags = open("/proc/cpuinfo").read().split()
+    needed = {"generic": [], "avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
+    return all(flag in flags for flag in needed[isa])
+
+
+def compare_with_eager(case, backend="cpu", **kwargs):
+    fused_case, fused_out = run_backend(case, backend, **kwargs)
+    eager_case, eager_out = run_backend(case, "eager", **kwargs)
+    errors = check_against(fused_case, fused_out, eager_case, eager_out, original=case)
+    record_errors(backend, case, errors)
+    return fused_out
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matches_eager(fresh_env, dtype, block_size, num_heads, num_kv_heads, head_dim):
+    case = make_case(ragged_lens(block_size), num_heads, num_kv_heads, head_dim, block_size, dtype,
+                     skip_rows=(2,), seed=block_size + head_dim)
+    compare_with_eager(case)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_instruction_set(fresh_env, isa, dtype):
+    fresh_env.setenv("TORCH_QWEN_FUSED_CPU_ISA", isa)
+    case = make_case([1, 33, 200, 77], 40, 8, 128, 16, dtype, skip_rows=(1,))
+    if not cpu_supports(isa):
+        with pytest.raises(RuntimeError, match=f"TORCH_QWEN_FUSED_CPU_ISA={isa} but this CPU lacks"):
+            run_backend(case, "cpu")
+        pytest.skip(f"this CPU cannot run the {isa} kernel (the refusal was checked)")
+    compare_with_eager(case, backend="cpu")
+
+
+def test_unknown_instruction_set_is_refused(fresh_env):
+    fresh_env.setenv("TORCH_QWEN_FUSED_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="must be generic, avx2 or avx512"):
+        run_backend(make_case([5]), "cpu")
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, "1", "32", "100", "1000000"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_split_on_and_off(fresh_env, chunk_tokens, dtype):
+    if chunk_tokens is not None:
+        fresh_env.setenv("TORCH_QWEN_FUSED_KV_CHUNK", chunk_tokens)
+    case = make_case([3000, 1, 700], 16, 2, 128, 64, dtype, explicit_slots=True)
+    compare_with_eager(case)
+
+
+def test_batch_of_one_long_context_splits_and_matches(fresh_env):
+    case = make_case([5000], 40, 8, 128, 128, torch.bfloat16)
+    compare_with_eager(case)
+
+
+def test_default_positions_and_slots(fresh_env):
+    case = make_case([1, 20, 64], 8, 2, 64, 16, torch.float32, positions_offset=None)
+    assert case.positions is None and case.slot_mapping is None
+    compare_with_eager(case)
+
+
+@pytest.mark.parametrize("scale,eps", [(0.5, 1e-6), (None, 1e-2)])
+def test_scale_and_eps(fresh_env, scale, eps):
+    case = make_case([9, 40], 8, 4, 64, 8, torch.float32)
+    compare_with_eager(case, scale=scale, eps=eps)
+
+
+def test_cache_dtype_may_differ_from_q(fresh_env):
+    case = make_case([7, 90], 8, 2, 64, 16, torch.float32, cache_dtype=torch.bfloat16)
+    compare_with_eager(case)
+
+
+def test_peaked_softmax_stays_finite(fresh_env):
+    case = make_case([1, 300], 8, 2, 64, 16, torch.float32)
+    case.q_norm_weight *= 40.0
+    case.k_norm_weight *= 40.0
+    out = compare_with_eager(case)
+    assert torch.isfinite(out).all()
+
+
+def test_seq_len_one_attends_only_to_itself(fresh_env):
+    # With one token, softmax weight 1 goes to the new v: the output is v repeated over the group.
+    case = make_case([1, 1], 10, 2, 64, 4, torch.float32)
+    _, out = run_backend(case, "cpu")
+    expected = case.v.repeat_interleave(5, dim=1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_matches_hf_qwen3_and_sdpa(fresh_env):
+    """An independent reference: HF's Qwen3RMSNorm and apply_rotary_pos_emb, SDPA on a contiguous cache."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    num_heads, num_kv_heads, head_dim, block_size = 40, 8, 128, 16
+    case = make_case([1, 17, 50], num_heads, num_kv_heads, head_dim, block_size, torch.float32)
+    q_norm, k_norm = Qwen3RMSNorm(head_dim, eps=1e-6), Qwen3RMSNorm(head_dim, eps=1e-6)
+    with torch.no_grad():
+        q_norm.weight.copy_(case.q_norm_weight)
+        k_norm.weight.copy_(case.k_norm_weight)
+    positions = case.positions
+    cos, sin = case.cos[positions].unsqueeze(1), case.sin[positions].unsqueeze(1)  # [B, 1, D]
+    # HF layout [B, H, S=1, D]
+    q, k = apply_rotary_pos_emb(q_norm(case.q).unsqueeze(2), k_norm(case.k).unsqueeze(2), cos, sin)
+    expected = []
+    for row, seq_len in enumerate(case.seq_lens.tolist()):
+        blocks = case.block_table[row, : -(-seq_len // block_size)].long()
+        past_k = case.k_cache[blocks].flatten(0, 1)[: seq_len - 1].permute(1, 0, 2)  # [Hkv, L-1, D]
+        past_v = case.v_cache[blocks].flatten(0, 1)[: seq_len - 1].permute(1, 0, 2)
+        keys = torch.cat([past_k, k[row, :, 0].unsqueeze(1)], dim=1)
+        values = torch.cat([past_v, case.v[row].unsqueeze(1)], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q[row:row + 1], keys[None], values[None],
+                                                               enable_gqa=True)
+        expected.append(out[0, :, 0])
+    expected = torch.stack(expected)
+    for backend in ("cpu", "eager"):
+        _, out = run_backend(case, backend)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_match_hf_rotary_embedding():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    config = Qwen3Config(head_dim=128, hidden_size=256, num_attention_heads=2, rope_theta=1e6,
+                         max_position_embeddings=512)
+    rotary = Qwen3RotaryEmbedding(config)
+    positions = torch.arange(512)[None]
+    hf_cos, hf_sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = torch_qwen_fused.rope_cos_sin(512, 128, rope_theta=1e6)
+    torch.testing.assert_close(cos, hf_cos[0], atol=0, rtol=0)
+    torch.testing.assert_close(sin, hf_sin[0], atol=0, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.data(),
+    num_kv_heads=st.integers(1, 4),
+    group=st.integers(1, 9),
+    head_dim=st.sampled_from([16, 32, 48, 64, 256]),
+    block_size=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_property_random_shapes(data, num_kv_heads, group, head_dim, block_size, dtype):
+    seq_lens = data.draw(st.lists(st.integers(1, 150), min_size=1, max_size=4), label="seq_lens")
+    skip = data.draw(st.sets(st.integers(0, len(seq_lens) - 1), max_size=len(seq_lens) - 1), label="skip")
+    case = make_case(seq_lens, num_kv_heads * group, num_kv_heads, head_dim, block_size, dtype,
+                     skip_rows=tuple(skip), seed=data.draw(st.integers(0, 2**16), label="seed"))
+    compare_with_eager(case)
+
+
+def test_backends_agree_and_default_dispatch(fresh_env):
+    case = make_case([5, 60], 8, 2, 64, 16, torch.bfloat16)
+    _, via_op = case.clone(), torch.ops.qwen.fa_fused(*case.clone().args())
+    _, default = run_backend(case, None)
+    _, cpu = run_backend(case, "cpu")
+    assert torch.equal(via_op, default) and torch.equal(default, cpu)
+
+
+def test_backend_switch_from_environment(fresh_env):
+    calls = []
+    real = torch_qwen_fused.ops.fa_fused_eager
+    fresh_env.setattr(torch_qwen_fused.ops, "fa_fused_eager", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fresh_env.setenv("TORCH_QWEN_FUSED_BACKEND", "eager")
+    run_backend(make_case([4]), None)
+    assert calls == [1]
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        run_backend(make_case([4]), "cuda-graphs")
+
+
+def test_fallback_kernel_serves_devices_without_a_kernel():
+    # CPU has the C++ kernel; the CompositeExplicitAutograd fallback is what CUDA/MPS/... get.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("qwen::fa_fused", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("qwen::fa_fused", "CompositeExplicitAutograd")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("qwen::fa_fused", "CUDA")
+
+
+@pytest.fixture
+def fallback_on_cpu():
+    """Routes CPU calls of the op through the eager fallback (as on a device without a kernel)."""
+    with torch.library._scoped_library("qwen", "IMPL") as lib:
+        lib.impl("fa_fused", torch_qwen_fused.ops._fa_fused_fallback, "CPU", allow_override=True)
+        yield
+
+
+def test_fallback_registration_matches_fused(fresh_env, fallback_on_cpu):
+    case = make_case([1, 40, 3], 8, 2, 64, 16, torch.float32, skip_rows=(1,))
+    fallback_case = case.clone()
+    fallback_out = torch.ops.qwen.fa_fused(*fallback_case.args())
+    eager_case, eager_out = run_backend(case, "eager")
+    record_errors("fallback", case, check_against(fallback_case, fallback_out, eager_case, eager_out, original=case))
+
+
+def opcheck_samples():
+    return [make_case([1, 20], 8, 2, 64, 16, torch.float32),
+            make_case([3, 17, 1], 10, 2, 64, 4, torch.bfloat16, skip_rows=(2,)),
+            make_case([33], 4, 4, 128, 16, torch.float16, positions_offset=None)]
+
+
+@pytest.mark.parametrize("sample", range(3))
+def test_opcheck_cpu_kernel(fresh_env, sample):
+    case = opcheck_samples()[sample]
+    torch.library.opcheck(torch.ops.qwen.fa_fused.default, case.args(), {"eps": 1e-6, "scale": None})
+
+
+def test_opcheck_fallback(fresh_env, fallback_on_cpu):
+    torch.library.opcheck(torch.ops.qwen.fa_fused.default, opcheck_samples()[1].args())
+
+
+def decode_step(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                positions, slot_mapping):
+    return torch.ops.qwen.fa_fused(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache,
+                                   block_table, seq_lens, positions, slot_mapping) * 2.0
+
+
+def test_torch_compile_fullgraph_matches_eager_without_recompiles(fresh_env):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(decode_step, backend=counter, fullgraph=True, dynamic=True)
+    # B, max_blocks and num_blocks change; sizes are chosen not to coincide within a call (dynamo's
+    # duck sizing would otherwise tie them, as in any user's graph).
+    shapes = [[5, 40, 9], [1, 70, 9, 3, 7], [3, 3, 200, 12, 1, 33, 90]]
+    for lens in shapes:
+        case = make_case(lens, 10, 2, 64, 16, torch.float32, explicit_slots=True)
+        compiled_case, eager_case = case.clone(), case.clone()
+        out = compiled(*compiled_case.args())
+        expected = decode_step(*eager_case.args())
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        assert torch.equal(compiled_case.k_cache, eager_case.k_cache)
+        assert torch.equal(compiled_case.v_cache, eager_case.v_cache)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} graphs for {len(shapes)} shapes"
+
+
+def test_threads_on_separate_caches_match_serial(fresh_env):
+    cases = [make_case([50 + 30 * i, 1, 130], 16, 2, 128, 16, torch.bfloat16, seed=i) for i in range(6)]
+    serial = [run_backend(case, "cpu") for case in cases]
+    working = [case.clone() for case in cases]
+    outputs = [None] * len(cases)
+
+    def worker(index):
+        for _ in range(5):
+            outputs[index] = torch.ops.qwen.fa_fused(*working[index].args())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (serial_case, serial_out), threaded_case, threaded_out in zip(serial, working, outputs):
+        torch.testing.assert_close(threaded_out, serial_out, **TOLERANCES[torch.bfloat16])
+        assert torch.equal(threaded_case.k_cache, serial_case.k_cache)
+        assert torch.equal(threaded_case.v_cache, serial_case.v_cache)

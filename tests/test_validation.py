@@ -1,0 +1,141 @@
+"""Bad input (SPEC section 5): a ValueError naming the argument, raised before anything is written.
+
+Every case runs through the C++ CPU kernel (a direct ``torch.ops.qwen.fa_fused`` call) and through the
+Python validation that the eager fallback and the other backends share; both must refuse it with the
+same message and leave the caches byte-for-byte unchanged.
+"""
+
+import pytest
+import torch
+
+import torch_qwen_fused
+from torch_qwen_fused import validation
+from conftest import assert_same_bytes, make_case
+
+
+def base_case():
+    # 2 rows of 20 and 33 tokens, block 16: block_table has 3 + 1 columns, 5 + 3 blocks (128 slots) in all.
+    return make_case([20, 33], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16,
+                     explicit_slots=True)
+
+
+def replace(**changes):
+    def mutate(case):
+        for name, value in changes.items():
+            setattr(case, name, value(case) if callable(value) else value)
+    return mutate
+
+
+def set_item(name, index, value):
+    def mutate(case):
+        getattr(case, name)[index] = value
+    return mutate
+
+
+def non_contiguous_cache(case):
+    case.k_cache = case.k_cache.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+BAD_INPUTS = {
+    "q not 3-D": (replace(q=lambda c: c.q[0]), "q must be 3-D"),
+    "q integer": (replace(q=lambda c: c.q.to(torch.int32)), "q must be float32, float16 or bfloat16"),
+    "head_dim not a multiple of 16": (
+        replace(q=lambda c: c.q[..., :24], k=lambda c: c.k[..., :24], v=lambda c: c.v[..., :24]),
+        "q.shape[2] (head_dim) must be a multiple of 16"),
+    "head_dim above 256": (replace(q=lambda c: torch.zeros(2, 8, 272, dtype=torch.bfloat16)),
+                           "q.shape[2] (head_dim) must be a multiple of 16 in [16, 256], got 272"),
+    "heads not a multiple of kv heads": (replace(q=lambda c: c.q[:, :7]), "must be a multiple of num_kv_heads"),
+    "k batch": (replace(k=lambda c: c.k[:1]), "k must have shape [2, 2, 64], got [1, 2, 64]"),
+    "v dtype": (replace(v=lambda c: c.v.float()), "v must have q's dtype"),
+    "k not 3-D": (replace(k=lambda c: c.k[0]), "k must be 3-D"),
+    "q_norm_weight shape": (replace(q_norm_weight=lambda c: c.q_norm_weight[:32]),
+                            "q_norm_weight must have shape [64], got [32]"),
+    "k_norm_weight dtype": (replace(k_norm_weight=lambda c: c.k_norm_weight.long()),
+                            "k_norm_weight must be a floating dtype"),
+    "cos head_dim": (replace(cos=lambda c: c.cos[:, :32]), "cos must have shape [max_position, 64]"),
+    "sin shape": (replace(sin=lambda c: c.sin[:10]), "sin must have cos's shape"),
+    "k_cache 3-D": (replace(k_cache=lambda c: c.k_cache[0]), "k_cache must be 4-D"),
+    "v_cache shape": (replace(v_cache=lambda c: c.v_cache[:, :8]), "v_cache must have shape"),
+    "k_cache non-contiguous": (non_contiguous_cache, "k_cache must be contiguous"),
+    "v_cache dtype": (replace(v_cache=lambda c: c.v_cache.half()), "v_cache must have k_cache's dtype"),
+    "cache integer": (replace(k_cache=lambda c: c.k_cache.to(torch.int16), v_cache=lambda c: c.v_cache.to(torch.int16)),
+                      "k_cache must be float32, float16 or bfloat16"),
+    "block_table int64": (replace(block_table=lambda c: c.block_table.long()), "block_table must be int32"),
+    "block_table rows": (replace(block_table=lambda c: c.block_table[:1]), "block_table must have shape [2, max_blocks]"),
+    "seq_lens int64": (replace(seq_lens=lambda c: c.seq_lens.long()), "seq_lens must be int32"),
+    "seq_lens shape": (replace(seq_lens=lambda c: c.seq_lens[:1]), "seq_lens must have shape [2]"),
+    "seq_len 0": (set_item("seq_lens", 1, 0), "seq_lens[1] must be >= 1 (it counts the new token), got 0"),
+    "seq_len negative": (set_item("seq_lens", 0, -5), "seq_lens[0] must be >= 1"),
+    "seq_len beyond the table": (set_item("seq_lens", 1, 65),
+                                 "seq_lens[1] = 65 needs 5 blocks of 16, but block_table has 4 columns"),
+    "block id past the cache": (set_item("block_table", (1, 2), 8),
+                                "block_table[1, 2] = 8 is outside the cache's blocks [0, 8)"),
+    "block id negative": (set_item("block_table", (0, 0), -1), "block_table[0, 0] = -1 is outside"),
+    "positions dtype": (replace(positions=lambda c: c.positions.float()), "positions must be int64 (or int32)"),
+    "positions shape": (replace(positions=lambda c: c.positions[:1]), "positions must have shape [2]"),
+    "position past the table": (set_item("positions", 1, 10_000), "positions[1] = 10000 is outside the cos/sin table"),
+    "position negative": (set_item("positions", 0, -1), "positions[0] = -1 is outside the cos/sin table"),
+    "default position past the table": (replace(positions=None, cos=lambda c: c.cos[:20], sin=lambda c: c.sin[:20]),
+                                        "default position seq_lens[1] - 1 = 32 is outside the cos/sin table [0, 20)"),
+    "slot past the cache": (set_item("slot_mapping", 0, 128), "slot_mapping[0] = 128 is outside the cache's slots [0, 128)"),
+    "slot below -1": (set_item("slot_mapping", 1, -2), "slot_mapping[1] = -2 is outside"),
+    "slot_mapping dtype": (replace(slot_mapping=lambda c: c.slot_mapping.float()), "slot_mapping must be int64"),
+}
+
+
+def refuse(case, call):
+    """Runs ``call`` on ``case``; returns the ValueError message after checking the caches kept every byte."""
+    k_before, v_before = case.k_cache.clone(), case.v_cache.clone()
+    with pytest.raises(ValueError) as error:
+        call(case)
+    if k_before.shape == case.k_cache.shape and k_before.dtype == case.k_cache.dtype:
+        assert_same_bytes(case.k_cache, k_before)
+    if v_before.shape == case.v_cache.shape and v_before.dtype == case.v_cache.dtype:
+        assert_same_bytes(case.v_cache, v_before)
+    return str(error.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_refused_before_any_write(name):
+    mutate, expected = BAD_INPUTS[name]
+    messages = {}
+    for backend, call in {
+        "cpu kernel": lambda c: torch.ops.qwen.fa_fused(*c.args()),
+        "eager": lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager"),
+        "fallback": lambda c: torch_qwen_fused.ops._fa_fused_fallback(*c.args()),
+    }.items():
+        case = base_case()
+        mutate(case)
+        messages[backend] = refuse(case, call)
+        assert expected in messages[backend], f"{backend}: {messages[backend]!r}"
+    assert len(set(messages.values())) == 1, f"the backends disagree: {messages}"
+
+
+def test_base_case_is_valid():
+    # The cases above differ from this one by one argument each.
+    case = base_case()
+    torch.ops.qwen.fa_fused(*case.args())
+    validation.validate(*base_case().args())
+
+
+def test_device_mismatch_is_named():
+    case = base_case()
+    case.block_table = case.block_table.to("meta")
+    with pytest.raises(ValueError, match="block_table must be on q's device cpu, got meta"):
+        validation.check_shapes(*case.args())
+
+
+def test_a_later_row_error_leaves_earlier_rows_unwritten():
+    # Row 0 is valid and would be written first; row 1's bad slot must stop the call before that.
+    case = base_case()
+    case.slot_mapping[1] = 10_000
+    refuse(case, lambda c: torch.ops.qwen.fa_fused(*c.args()))
+
+
+def test_unused_block_table_entries_are_not_checked():
+    # Columns past a row's context may hold anything (vLLM pads with arbitrary ids).
+    case = base_case()
+    case.block_table[0, 3] = 123456
+    out = torch.ops.qwen.fa_fused(*case.clone().args())
+    torch.testing.assert_close(out.float(), torch_qwen_fused.fa_fused(*case.args(), backend="eager").float(),
+                               atol=2e-2, rtol=5e-3)
