@@ -23,40 +23,85 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kPrefetchTilesAhead = 2;
 constexpr int64_t kCacheLine = 64;
 
-// scores[g * tile] = q_g . k_row for NG consecutive query heads.
-template <class V, class T, int NG>
-inline void score_heads(const float* q, int64_t head_dim, const T* k_row, float* scores) {
-  typename V::reg acc[NG];
-  for (int g = 0; g < NG; ++g) acc[g] = V::zero();
+// scores[g * kTokenTile + j] = q_g . k_j for NG consecutive query heads and TOKENS consecutive
+// tokens: each q slice loaded serves every token, each k slice every head.
+template <class V, class T, int NG, int TOKENS>
+inline void score_heads(const float* q, int64_t head_dim, const T* const* k_rows, float* scores) {
+  typename V::reg acc[TOKENS][NG];
+  for (int t = 0; t < TOKENS; ++t)
+    for (int g = 0; g < NG; ++g) acc[t][g] = V::zero();
   for (int64_t d = 0; d < head_dim; d += V::kWidth) {
-    const auto k = V::load(k_row + d);
-    for (int g = 0; g < NG; ++g) acc[g] = V::fmadd(V::load(q + g * head_dim + d), k, acc[g]);
+    typename V::reg k[TOKENS];
+    for (int t = 0; t < TOKENS; ++t) k[t] = V::load(k_rows[t] + d);
+    for (int g = 0; g < NG; ++g) {
+      const auto q_slice = V::load(q + g * head_dim + d);
+      for (int t = 0; t < TOKENS; ++t) acc[t][g] = V::fmadd(q_slice, k[t], acc[t][g]);
+    }
   }
-  for (int g = 0; g < NG; ++g) scores[g * kTokenTile] = V::reduce_add(acc[g]);
+  float sums[TOKENS * NG];
+  V::reduce_add_many(&acc[0][0], TOKENS * NG, sums);
+  for (int t = 0; t < TOKENS; ++t)
+    for (int g = 0; g < NG; ++g) scores[g * kTokenTile + t] = sums[t * NG + g];
 }
 
-// acc_g = alpha_g * acc_g + sum_j probs[g, j] * v_j for NG heads; acc stays in registers per
-// vector-wide slice of head_dim.
+// acc_g = alpha_g * acc_g + sum_j probs[g, j] * v_j for NG heads. SLICES vector-wide slices of
+// head_dim stay in registers across the tile, so each broadcast probability serves all of them.
+template <class V, class T, int NG, int SLICES>
+inline void accumulate_slices(float* acc, int64_t head_dim, int64_t d, const float* alpha, const float* probs,
+                              const T* const* v_rows, int64_t num_tokens) {
+  typename V::reg out[SLICES][NG];
+  for (int s = 0; s < SLICES; ++s)
+    for (int g = 0; g < NG; ++g)
+      out[s][g] = V::mul(V::load(acc + g * head_dim + d + s * V::kWidth), V::set1(alpha[g]));
+  for (int64_t j = 0; j < num_tokens; ++j) {
+    typename V::reg v[SLICES];
+    for (int s = 0; s < SLICES; ++s) v[s] = V::load(v_rows[j] + d + s * V::kWidth);
+    for (int g = 0; g < NG; ++g) {
+      const auto p = V::set1(probs[g * kTokenTile + j]);
+      for (int s = 0; s < SLICES; ++s) out[s][g] = V::fmadd(p, v[s], out[s][g]);
+    }
+  }
+  for (int s = 0; s < SLICES; ++s)
+    for (int g = 0; g < NG; ++g) V::store(acc + g * head_dim + d + s * V::kWidth, out[s][g]);
+}
+
 template <class V, class T, int NG>
 inline void accumulate_values(float* acc, int64_t head_dim, const float* alpha, const float* probs,
                               const T* const* v_rows, int64_t num_tokens) {
-  for (int64_t d = 0; d < head_dim; d += V::kWidth) {
-    typename V::reg out[NG];
-    for (int g = 0; g < NG; ++g) out[g] = V::mul(V::load(acc + g * head_dim + d), V::set1(alpha[g]));
-    for (int64_t j = 0; j < num_tokens; ++j) {
-      const auto v = V::load(v_rows[j] + d);
-      for (int g = 0; g < NG; ++g) out[g] = V::fmadd(V::set1(probs[g * kTokenTile + j]), v, out[g]);
-    }
-    for (int g = 0; g < NG; ++g) V::store(acc + g * head_dim + d, out[g]);
-  }
+  int64_t d = 0;
+  for (; d + 2 * V::kWidth <= head_dim; d += 2 * V::kWidth)
+    accumulate_slices<V, T, NG, 2>(acc, head_dim, d, alpha, probs, v_rows, num_tokens);
+  if (d < head_dim) accumulate_slices<V, T, NG, 1>(acc, head_dim, d, alpha, probs, v_rows, num_tokens);
 }
 
-// Runs body.template operator()<NG>(first_head) over the group in slices of at most 8 heads, the
-// most that keep their accumulators in registers.
-template <class Body>
+// Walks a row's tokens through its block table without a division per token.
+struct TokenCursor {
+  const int32_t* blocks;
+  int64_t block_size, token_stride, head_offset;
+  int64_t logical_block, offset;
+
+  TokenCursor(const int32_t* blocks, int64_t block_size, int64_t token_stride, int64_t head_offset, int64_t token)
+      : blocks(blocks), block_size(block_size), token_stride(token_stride), head_offset(head_offset),
+        logical_block(token / block_size), offset(token % block_size) {}
+
+  // Element offset of the current token's row for this kv head; then steps to the next token.
+  int64_t next() {
+    const int64_t row = (blocks[logical_block] * block_size + offset) * token_stride + head_offset;
+    if (++offset == block_size) {
+      offset = 0;
+      ++logical_block;
+    }
+    return row;
+  }
+};
+
+// Runs body.template operator()<NG>(first_head) over the group in slices of at most
+// V::kMaxHeads heads, the most whose accumulators fit in registers.
+template <class V, class Body>
 inline void for_head_slices(int64_t group, Body&& body) {
-  for (int64_t g0 = 0; g0 < group; g0 += 8) {
-    switch (group - g0 < 8 ? group - g0 : 8) {
+  static_assert(V::kMaxHeads <= 8, "add cases below");
+  for (int64_t g0 = 0; g0 < group; g0 += V::kMaxHeads) {
+    switch (group - g0 < V::kMaxHeads ? group - g0 : V::kMaxHeads) {
       case 1: body.template operator()<1>(g0); break;
       case 2: body.template operator()<2>(g0); break;
       case 3: body.template operator()<3>(g0); break;
@@ -64,7 +109,7 @@ inline void for_head_slices(int64_t group, Body&& body) {
       case 5: body.template operator()<5>(g0); break;
       case 6: body.template operator()<6>(g0); break;
       case 7: body.template operator()<7>(g0); break;
-      default: body.template operator()<8>(g0); break;
+      case 8: body.template operator()<8>(g0); break;
     }
   }
 }
@@ -116,11 +161,11 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const int32_t* blocks = p.block_table + row * p.max_blocks;
   const int64_t token_stride = p.num_kv_heads * head_dim;
-  auto row_offset = [&](int64_t token) {
-    const int64_t block = blocks[token / p.block_size];
-    return (block * p.block_size + token % p.block_size) * token_stride + kv_head * head_dim;
-  };
   const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
+  TokenCursor cursor(blocks, p.block_size, token_stride, kv_head * head_dim, begin);
+  const int64_t prefetch_begin = begin + kPrefetchTilesAhead * kTokenTile;
+  TokenCursor prefetch_cursor(blocks, p.block_size, token_stride, kv_head * head_dim,
+                              prefetch_begin < end ? prefetch_begin : begin);
 
   const float* q = p.q + (row * p.num_heads + kv_head * group) * head_dim;
   float* scores = scratch;  // [group, kTokenTile]
@@ -131,7 +176,7 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   for (int64_t tile = begin; tile < end; tile += kTokenTile) {
     const int64_t num_tokens = end - tile < kTokenTile ? end - tile : kTokenTile;
     for (int64_t j = 0; j < num_tokens; ++j) {
-      const int64_t offset = row_offset(tile + j);
+      const int64_t offset = cursor.next();
       k_rows[j] = k_cache + offset;
       v_rows[j] = v_cache + offset;
     }
@@ -140,7 +185,7 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
     const int64_t ahead = tile + kPrefetchTilesAhead * kTokenTile;
     const int64_t ahead_end = ahead + kTokenTile < end ? ahead + kTokenTile : end;
     for (int64_t token = ahead; token < ahead_end; ++token) {
-      const int64_t offset = row_offset(token);
+      const int64_t offset = prefetch_cursor.next();
       const char* k_line = reinterpret_cast<const char*>(k_cache + offset);
       const char* v_line = reinterpret_cast<const char*>(v_cache + offset);
       for (int64_t byte = 0; byte < row_bytes; byte += kCacheLine) {
@@ -149,9 +194,12 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
       }
     }
 
-    for_head_slices(group, [&]<int NG>(int64_t g0) {
-      for (int64_t j = 0; j < num_tokens; ++j)
-        score_heads<V, T, NG>(q + g0 * head_dim, head_dim, k_rows[j], scores + g0 * kTokenTile + j);
+    for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
+      int64_t j = 0;
+      for (; j + 2 <= num_tokens; j += 2)
+        score_heads<V, T, NG, 2>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
+      if (j < num_tokens)
+        score_heads<V, T, NG, 1>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
     });
     for (int64_t g = 0; g < group; ++g) {
       float* tile_scores = scores + g * kTokenTile;
@@ -162,7 +210,7 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
       running_max[g] = new_max;
       running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, new_max);
     }
-    for_head_slices(group, [&]<int NG>(int64_t g0) {
+    for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
       accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile,
                                   v_rows, num_tokens);
     });

@@ -31,6 +31,8 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMinChunkTokens = 256;
 // Enough work items per thread to even out ragged rows.
 constexpr int64_t kItemsPerThread = 4;
+// Below this many values to process, a pass runs on the calling thread.
+constexpr int64_t kMinParallelValues = 32768;
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -131,18 +133,31 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-// Mirrors validation.check_values, on contiguous CPU copies of the index tensors.
-void check_values(const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& positions,
-                  const at::Tensor& slot_mapping, int64_t num_blocks, int64_t block_size, int64_t max_position,
-                  bool positions_given) {
+// Reads element i of a 1-D int32 or int64 tensor.
+int64_t index_at(const at::Tensor& t, int64_t i) {
+  return t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[i] : t.data_ptr<int32_t>()[i];
+}
+
+// What the passes need from the index tensors, read once on the host.
+struct IndexPlan {
+  std::vector<int64_t> positions;  // RoPE position of each row's new token
+  std::vector<int64_t> slots;  // its cache slot, -1: not written
+  int64_t max_len = 0;
+};
+
+// Mirrors validation.check_values (same checks, same order, same messages), then fills in the
+// defaults of positions and slot_mapping. Inputs are contiguous CPU tensors of checked shapes.
+IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens,
+                       const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slot_mapping,
+                       int64_t num_blocks, int64_t block_size, int64_t max_position) {
   const int64_t batch = seq_lens.size(0), max_blocks = block_table.size(1);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* table = block_table.data_ptr<int32_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  IndexPlan plan;
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 1, "fa_fused: seq_lens[", b, "] must be >= 1 (it counts the new token), got ",
                       lens[b]);
+    plan.max_len = std::max<int64_t>(plan.max_len, lens[b]);
   }
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t needed = (lens[b] + block_size - 1) / block_size;
@@ -157,20 +172,31 @@ void check_values(const at::Tensor& block_table, const at::Tensor& seq_lens, con
                         " is outside the cache's blocks [0, ", num_blocks, ")");
     }
   }
+  plan.positions.resize(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    if (positions_given) {
-      TORCH_CHECK_VALUE(pos[b] >= 0 && pos[b] < max_position, "fa_fused: positions[", b, "] = ", pos[b],
-                        " is outside the cos/sin table [0, ", max_position, ")");
+    if (positions) {
+      plan.positions[b] = index_at(*positions, b);
+      TORCH_CHECK_VALUE(plan.positions[b] >= 0 && plan.positions[b] < max_position, "fa_fused: positions[", b,
+                        "] = ", plan.positions[b], " is outside the cos/sin table [0, ", max_position, ")");
     } else {
-      TORCH_CHECK_VALUE(pos[b] < max_position, "fa_fused: default position seq_lens[", b, "] - 1 = ", pos[b],
-                        " is outside the cos/sin table [0, ", max_position, ")");
+      plan.positions[b] = lens[b] - 1;
+      TORCH_CHECK_VALUE(plan.positions[b] < max_position, "fa_fused: default position seq_lens[", b, "] - 1 = ",
+                        plan.positions[b], " is outside the cos/sin table [0, ", max_position, ")");
     }
   }
+  plan.slots.resize(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_VALUE(slots[b] >= -1 && slots[b] < num_blocks * block_size, "fa_fused: slot_mapping[", b, "] = ",
-                      slots[b], " is outside the cache's slots [0, ", num_blocks * block_size,
-                      ") (or -1 to skip the write)");
+    if (slot_mapping) {
+      plan.slots[b] = index_at(*slot_mapping, b);
+      TORCH_CHECK_VALUE(plan.slots[b] >= -1 && plan.slots[b] < num_blocks * block_size, "fa_fused: slot_mapping[", b,
+                        "] = ", plan.slots[b], " is outside the cache's slots [0, ", num_blocks * block_size,
+                        ") (or -1 to skip the write)");
+    } else {
+      const int64_t last = lens[b] - 1;
+      plan.slots[b] = table[b * max_blocks + last / block_size] * block_size + last % block_size;
+    }
   }
+  return plan;
 }
 
 // The attention kernel for this CPU; TORCH_QWEN_FUSED_CPU_ISA=generic|avx2|avx512 forces one
@@ -216,6 +242,45 @@ CacheDtype cache_dtype_of(at::ScalarType t) {
   return t == at::kFloat ? CacheDtype::kFloat : t == at::kBFloat16 ? CacheDtype::kBFloat16 : CacheDtype::kHalf;
 }
 
+// Element i of a contiguous floating tensor of any dtype, as fp32 (norm weights and cos/sin rows:
+// a few hundred values per call, not worth a converted copy of the whole table).
+float float_at(const at::Tensor& t, int64_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return t.const_data_ptr<float>()[i];
+    case at::kBFloat16: return static_cast<float>(t.const_data_ptr<c10::BFloat16>()[i]);
+    case at::kHalf: return static_cast<float>(t.const_data_ptr<c10::Half>()[i]);
+    case at::kDouble: return static_cast<float>(t.const_data_ptr<double>()[i]);
+    default: TORCH_CHECK_VALUE(false, "fa_fused: unsupported floating dtype ", dtype_name(t));
+  }
+  return 0.f;
+}
+
+// Per-row fp32 copies of what pass 1 reads: norm weights [2, D], cos and sin rows [B, D] each.
+struct RopeInputs {
+  std::vector<float> q_weight, k_weight, cos, sin;
+};
+
+RopeInputs gather_rope_inputs(const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight, const at::Tensor& cos,
+                              const at::Tensor& sin, const std::vector<int64_t>& positions, int64_t head_dim) {
+  RopeInputs in;
+  in.q_weight.resize(head_dim);
+  in.k_weight.resize(head_dim);
+  for (int64_t i = 0; i < head_dim; ++i) {
+    in.q_weight[i] = float_at(q_norm_weight, i);
+    in.k_weight[i] = float_at(k_norm_weight, i);
+  }
+  const int64_t batch = static_cast<int64_t>(positions.size());
+  in.cos.resize(batch * head_dim);
+  in.sin.resize(batch * head_dim);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < head_dim; ++i) {
+      in.cos[b * head_dim + i] = float_at(cos, positions[b] * head_dim + i);
+      in.sin[b * head_dim + i] = float_at(sin, positions[b] * head_dim + i);
+    }
+  }
+  return in;
+}
+
 // x * rsqrt(mean(x^2) + eps) * w, then rotate-half RoPE, over one head of head_dim values (fp32).
 void norm_and_rope(float* x, const float* weight, const float* cos, const float* sin, int64_t head_dim, float eps,
                    float* rotated) {
@@ -232,29 +297,27 @@ void norm_and_rope(float* x, const float* weight, const float* cos, const float*
 
 // Pass 1. q_out: [batch, num_heads, head_dim] fp32, scaled; k (roped) and v go to their slots.
 template <typename scalar_t, typename cache_t>
-void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_weight,
-                       const at::Tensor& k_weight, const at::Tensor& cos_rows, const at::Tensor& sin_rows,
-                       const int64_t* slots, float scale, float eps, at::Tensor& k_cache, at::Tensor& v_cache,
-                       at::Tensor& q_out) {
+void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeInputs& rope,
+                       const std::vector<int64_t>& slots, float scale, float eps, at::Tensor& k_cache,
+                       at::Tensor& v_cache, float* q_out) {
   const int64_t batch = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
-  const scalar_t* q_in = q.data_ptr<scalar_t>();
-  const scalar_t* k_in = k.data_ptr<scalar_t>();
-  const scalar_t* v_in = v.data_ptr<scalar_t>();
+  const scalar_t* q_in = q.const_data_ptr<scalar_t>();
+  const scalar_t* k_in = k.const_data_ptr<scalar_t>();
+  const scalar_t* v_in = v.const_data_ptr<scalar_t>();
   cache_t* k_slots = k_cache.data_ptr<cache_t>();
   cache_t* v_slots = v_cache.data_ptr<cache_t>();
-  float* q_dst = q_out.data_ptr<float>();
-  const float* qw = q_weight.data_ptr<float>();
-  const float* kw = k_weight.data_ptr<float>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // A few rows are cheaper on the calling thread than a wake-up of the pool.
+  const int64_t grain = std::max<int64_t>(1, kMinParallelValues / ((num_heads + num_kv_heads) * head_dim));
+  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> x(head_dim), rotated(head_dim);
     for (int64_t b = begin; b < end; ++b) {
-      const float* c = cos_rows.data_ptr<float>() + b * head_dim;
-      const float* s = sin_rows.data_ptr<float>() + b * head_dim;
+      const float* c = rope.cos.data() + b * head_dim;
+      const float* s = rope.sin.data() + b * head_dim;
       for (int64_t h = 0; h < num_heads; ++h) {
         const scalar_t* src = q_in + (b * num_heads + h) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(src[i]);
-        norm_and_rope(x.data(), qw, c, s, head_dim, eps, rotated.data());
-        float* dst = q_dst + (b * num_heads + h) * head_dim;
+        norm_and_rope(x.data(), rope.q_weight.data(), c, s, head_dim, eps, rotated.data());
+        float* dst = q_out + (b * num_heads + h) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) dst[i] = rotated[i] * scale;
       }
       if (slots[b] < 0) continue;
@@ -262,7 +325,7 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t src_offset = (b * num_kv_heads + h) * head_dim;
         const int64_t dst_offset = (slots[b] * num_kv_heads + h) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(k_in[src_offset + i]);
-        norm_and_rope(x.data(), kw, c, s, head_dim, eps, rotated.data());
+        norm_and_rope(x.data(), rope.k_weight.data(), c, s, head_dim, eps, rotated.data());
         for (int64_t i = 0; i < head_dim; ++i) {
           k_slots[dst_offset + i] = static_cast<cache_t>(rotated[i]);
           v_slots[dst_offset + i] = static_cast<cache_t>(static_cast<float>(v_in[src_offset + i]));
@@ -277,7 +340,8 @@ template <typename scalar_t>
 void merge_chunks(const AttentionProblem& p, at::Tensor& out) {
   const int64_t group = p.group(), head_dim = p.head_dim;
   scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, p.batch * p.num_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinParallelValues / (head_dim * p.num_chunks));
+  at::parallel_for(0, p.batch * p.num_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> merged(head_dim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
@@ -314,64 +378,58 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
   const at::Tensor table = block_table.contiguous();
   const at::Tensor lens = seq_lens.contiguous();
-  const at::Tensor lens64 = lens.to(at::kLong);
-  const at::Tensor pos = positions ? positions->to(at::kLong).contiguous() : lens64 - 1;
-  at::Tensor slots;
-  if (slot_mapping) {
-    slots = slot_mapping->to(at::kLong).contiguous();
-  } else {
-    // The last context token's slot; blocks are range-checked first, so clamp the lookup column.
-    const at::Tensor last = lens64 - 1;
-    const at::Tensor column = at::clamp(last.div(block_size, "floor"), 0, table.size(1) - 1);
-    slots = table.gather(1, column.unsqueeze(1)).squeeze(1).to(at::kLong) * block_size + last.remainder(block_size);
-  }
-  check_values(table, lens, pos, slots, num_blocks, block_size, cos.size(0), positions.has_value());
-
-  const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
-  const at::Tensor cos_rows = cos.index_select(0, pos).to(at::kFloat).contiguous();
-  const at::Tensor sin_rows = sin.index_select(0, pos).to(at::kFloat).contiguous();
-  const at::Tensor q_weight = q_norm_weight.to(at::kFloat).contiguous();
-  const at::Tensor k_weight = k_norm_weight.to(at::kFloat).contiguous();
-  at::Tensor q_prepared = at::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
-  const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
-    using q_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "fa_fused_write", [&] {
-      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, q_weight, k_weight, cos_rows, sin_rows,
-                                       slots.data_ptr<int64_t>(), softmax_scale, static_cast<float>(eps), k_cache,
-                                       v_cache, q_prepared);
-    });
-  });
+  const std::optional<at::Tensor> positions_in = positions ? std::optional(positions->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> slots_in = slot_mapping ? std::optional(slot_mapping->contiguous()) : std::nullopt;
+  const IndexPlan plan = check_values(table, lens, positions_in, slots_in, num_blocks, block_size, cos.size(0));
+  const AttendFn attend = select_attention_kernel();
 
   AttentionProblem problem{};
-  problem.q = q_prepared.data_ptr<float>();
-  problem.k_cache = k_cache.data_ptr();
-  problem.v_cache = v_cache.data_ptr();
-  problem.cache_dtype = cache_dtype_of(k_cache.scalar_type());
-  problem.block_table = table.data_ptr<int32_t>();
-  problem.seq_lens = lens.data_ptr<int32_t>();
   problem.batch = batch;
   problem.num_heads = num_heads;
   problem.num_kv_heads = num_kv_heads;
   problem.head_dim = head_dim;
   problem.block_size = block_size;
   problem.max_blocks = table.size(1);
-  const int64_t max_len = lens.max().item<int32_t>();
-  problem.chunk_len = choose_chunk_len(batch, num_kv_heads, max_len);
-  problem.num_chunks = (max_len + problem.chunk_len - 1) / problem.chunk_len;
+  problem.chunk_len = choose_chunk_len(batch, num_kv_heads, plan.max_len);
+  problem.num_chunks = (plan.max_len + problem.chunk_len - 1) / problem.chunk_len;
   const int64_t group = problem.group();
-  const auto fp32 = q.options().dtype(at::kFloat);
-  at::Tensor partial_max = at::empty({problem.num_items(), group}, fp32);
-  at::Tensor partial_sum = at::empty({problem.num_items(), group}, fp32);
-  at::Tensor partial_out = at::empty({problem.num_items(), group, head_dim}, fp32);
-  problem.partial_max = partial_max.data_ptr<float>();
-  problem.partial_sum = partial_sum.data_ptr<float>();
-  problem.partial_out = partial_out.data_ptr<float>();
+  const int64_t items = problem.num_items();
+  const int64_t threads = at::get_num_threads();
 
-  const AttendFn attend = select_attention_kernel();
-  at::Tensor scratch = at::empty({at::get_num_threads(), problem.scratch_floats()}, fp32);
-  float* thread_scratch = scratch.data_ptr<float>();
-  at::parallel_for(0, problem.num_items(), 1, [&](int64_t begin, int64_t end) {
+  // One fp32 buffer for the prepared q, the chunks' partial results and the threads' scratch.
+  const int64_t q_floats = batch * num_heads * head_dim;
+  at::Tensor workspace = at::empty({q_floats + items * group * (head_dim + 2) + threads * problem.scratch_floats()},
+                                   q.options().dtype(at::kFloat));
+  float* q_prepared = workspace.data_ptr<float>();
+  problem.partial_out = q_prepared + q_floats;
+  problem.partial_max = problem.partial_out + items * group * head_dim;
+  problem.partial_sum = problem.partial_max + items * group;
+  float* thread_scratch = problem.partial_sum + items * group;
+
+  const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
+  const RopeInputs rope = gather_rope_inputs(q_norm_weight.contiguous(), k_norm_weight.contiguous(), cos.contiguous(),
+                                             sin.contiguous(), plan.positions, head_dim);
+  const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
+  // Everything is checked: from here on the caches get written.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
+    using q_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "fa_fused_write", [&] {
+      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, rope, plan.slots, softmax_scale, static_cast<float>(eps),
+                                       k_cache, v_cache, q_prepared);
+    });
+  });
+
+  problem.q = q_prepared;
+  problem.k_cache = k_cache.const_data_ptr();
+  problem.v_cache = v_cache.const_data_ptr();
+  problem.cache_dtype = cache_dtype_of(k_cache.scalar_type());
+  problem.block_table = table.const_data_ptr<int32_t>();
+  problem.seq_lens = lens.const_data_ptr<int32_t>();
+  int64_t total_tokens = 0;
+  for (int64_t b = 0; b < batch; ++b) total_tokens += problem.seq_lens[b];
+  // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
+  const int64_t grain = total_tokens * num_kv_heads * head_dim < kMinParallelValues * 16 ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     attend(problem, begin, end, thread_scratch + at::get_thread_num() * problem.scratch_floats());
   });
 

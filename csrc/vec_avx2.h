@@ -10,6 +10,8 @@ namespace qwen_fused {
 namespace {
 
 struct VecAVX2 {
+  // Query heads per register-resident slice (two tokens' or two slices' accumulators each).
+  static constexpr int kMaxHeads = 6;
   static constexpr int64_t kWidth = 8;
   using reg = __m256;
 
@@ -42,6 +44,22 @@ struct VecAVX2 {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  // out[i] = sum of the lanes of a[i], i < n: eight at a time by a horizontal-add tree.
+  static void reduce_add_many(const reg* a, int n, float* out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 ab = _mm256_hadd_ps(a[i], a[i + 1]), cd = _mm256_hadd_ps(a[i + 2], a[i + 3]);
+      const __m256 ef = _mm256_hadd_ps(a[i + 4], a[i + 5]), gh = _mm256_hadd_ps(a[i + 6], a[i + 7]);
+      const __m256 abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh);
+      const __m256 low = _mm256_permute2f128_ps(abcd, efgh, 0x20), high = _mm256_permute2f128_ps(abcd, efgh, 0x31);
+      _mm256_storeu_ps(out + i, _mm256_add_ps(low, high));
+    }
+    for (; i + 4 <= n; i += 4) {
+      const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a[i], a[i + 1]), _mm256_hadd_ps(a[i + 2], a[i + 3]));
+      _mm_storeu_ps(out + i, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+    }
+    for (; i < n; ++i) out[i] = reduce_add(a[i]);
   }
   static float reduce_max(reg a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

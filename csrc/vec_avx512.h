@@ -11,6 +11,8 @@ namespace qwen_fused {
 namespace {
 
 struct VecAVX512 {
+  // Query heads per register-resident slice (two tokens' or two slices' accumulators each).
+  static constexpr int kMaxHeads = 8;
   static constexpr int64_t kWidth = 16;
   using reg = __m512;
 
@@ -39,6 +41,9 @@ struct VecAVX512 {
   }
   static reg exp(reg a) { return exp_cephes<VecAVX512>(a); }
   static float reduce_add(reg a) { return _mm512_reduce_add_ps(a); }
+  static void reduce_add_many(const reg* a, int n, float* out) {
+    for (int i = 0; i < n; ++i) out[i] = reduce_add(a[i]);
+  }
   static float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
 };
 

@@ -31,6 +31,8 @@ inline float half_to_float(uint16_t h) {
 }
 
 struct VecGeneric {
+  // Query heads per register-resident slice (two tokens' or two slices' accumulators each).
+  static constexpr int kMaxHeads = 6;
   static constexpr int64_t kWidth = 8;
   struct reg {
     float lane[kWidth];
@@ -88,6 +90,9 @@ struct VecGeneric {
     float sum = 0.f;
     for (int i = 0; i < kWidth; ++i) sum += a.lane[i];
     return sum;
+  }
+  static void reduce_add_many(const reg* a, int n, float* out) {
+    for (int i = 0; i < n; ++i) out[i] = reduce_add(a[i]);
   }
   static float reduce_max(reg a) {
     float m = a.lane[0];

@@ -56,10 +56,13 @@ def test_every_instruction_set(fresh_env, isa, dtype):
     compare_with_eager(case, backend="cpu")
 
 
-def test_unknown_instruction_set_is_refused(fresh_env):
+def test_unknown_instruction_set_is_refused_before_any_write(fresh_env):
     fresh_env.setenv("TORCH_QWEN_FUSED_CPU_ISA", "sse9")
+    case = make_case([5, 9])
+    before = case.clone()
     with pytest.raises(RuntimeError, match="must be generic, avx2 or avx512"):
-        run_backend(make_case([5]), "cpu")
+        torch.ops.qwen.fa_fused(*case.args())
+    assert torch.equal(case.k_cache, before.k_cache) and torch.equal(case.v_cache, before.v_cache)
 
 
 @pytest.mark.parametrize("chunk_tokens", [None, "1", "32", "100", "1000000"])
