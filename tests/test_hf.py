@@ -1,0 +1,431 @@
+"""Stock Hugging Face Qwen3 vs the same model patched by ``torch_qwen_fused.hf.patch_model``.
+
+Tiny random configs built here (no hub downloads), all on the CPU: the stock model (attn_implementation="sdpa")
+and the patched one share their weights, and must give the same tokens and (fp32) logits within 1e-4 at every
+step, with every decode step of every layer going through ``torch.ops.qwen.fa_fused``.
+"""
+
+import functools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")
+
+import torch_qwen_fused  # noqa: E402,F401
+from torch_qwen_fused.hf import OutOfBlocksError, PagedKVCache, patch_model  # noqa: E402
+from transformers import (  # noqa: E402
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention  # noqa: E402
+
+VOCAB = 512
+LAYERS = 2
+NEW_TOKENS = 10
+# (num_heads, num_kv_heads, head_dim, hidden_size): GQA 2, odd GQA 3, the Qwen3-14B attention on a small hidden size
+HEAD_LAYOUTS = [(4, 2, 32, 64), (9, 3, 16, 48), (40, 8, 128, 64)]
+# Real prompt lengths. The batch is left-padded; with NEW_TOKENS new tokens the longer rows cross the
+# 128-token block boundary at different steps (and every 4-token one).
+PROMPTS = {"single": [123], "padded": [125, 121, 99]}
+BLOCK_SIZES = [4, 128]
+FP32_TOL = 1e-4
+
+
+class CountFusedCalls(TorchDispatchMode):
+    """Counts the calls that really reached the ``qwen::fa_fused`` operator."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.qwen.fa_fused.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def qwen3_config(layout, attn_implementation="sdpa", **extra):
+    num_heads, num_kv_heads, head_dim, hidden = layout
+    return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                initializer_range=0.2, attn_implementation=attn_implementation, **extra)
+
+
+def finish(model, dtype):
+    """Random norm weights (ones would hide a mix-up of q_norm and k_norm), no EOS: fixed-length runs."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(dtype).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def qwen3_model(layout, dtype=torch.float32, attn_implementation="sdpa"):
+    torch.manual_seed(0)
+    return finish(Qwen3ForCausalLM(Qwen3Config(**qwen3_config(layout, attn_implementation))), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def moe_model():
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**qwen3_config((8, 4, 32, 64)), num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=64, decoder_sparse_step=1, norm_topk_prob=True)
+    return finish(Qwen3MoeForCausalLM(config), torch.float32)
+
+
+def prompts(kind):
+    """Left-padded input_ids and attention_mask with the real lengths of PROMPTS[kind]."""
+    lengths = PROMPTS[kind]
+    width = max(lengths)
+    generator = torch.Generator().manual_seed(len(lengths))
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, width - length:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def generate(model, kind, new_tokens=NEW_TOKENS, **kwargs):
+    ids, mask = prompts(kind)
+    kwargs.setdefault("do_sample", False)
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                          return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def stock_run(layout, kind):
+    return generate(qwen3_model(layout), kind)
+
+
+def max_logit_diff(a, b):
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize("kind", list(PROMPTS))
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=lambda l: "x".join(map(str, l)))
+def test_greedy_matches_stock(layout, block_size, kind):
+    model = qwen3_model(layout)
+    stock = stock_run(layout, kind)
+    assert isinstance(stock.cache, DynamicCache)
+    with patch_model(model, block_size=block_size) as handle, CountFusedCalls() as counter:
+        fused = generate(model, kind)
+    assert isinstance(fused.cache, PagedKVCache)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    decode_steps = NEW_TOKENS - 1  # the first new token comes from the prefill
+    assert handle.fused_calls == decode_steps * LAYERS == counter.calls
+    # Only real tokens are cached: the prompt without padding, then the decoded ones.
+    expected = [length + decode_steps for length in PROMPTS[kind]]
+    assert fused.cache.seq_lens.tolist() == expected
+    assert fused.cache.get_seq_length() == stock.cache.get_seq_length()
+    assert fused.cache.block_size == block_size
+    assert sum(map(len, fused.cache.row_blocks)) == sum(-(-n // block_size) for n in expected)
+
+
+def test_cache_holds_roped_real_tokens_only():
+    """Row by row, the paged cache holds exactly stock's cached K/V at the non-padding positions."""
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    stock = stock_run(layout, "padded")
+    with patch_model(model, block_size=4):
+        fused = generate(model, "padded")
+    _, mask = prompts("padded")
+    real = torch.cat((mask, torch.ones(mask.shape[0], NEW_TOKENS - 1, dtype=mask.dtype)), dim=1).bool()
+    cache = fused.cache
+    for layer_idx in range(LAYERS):
+        layer = cache.layers[layer_idx]
+        for row, blocks in enumerate(cache.row_blocks):
+            length = int(cache.seq_lens[row])
+            keys = layer.k_cache[blocks].flatten(0, 1)[:length]       # [T, Hkv, D]
+            values = layer.v_cache[blocks].flatten(0, 1)[:length]
+            stock_keys = stock.cache.layers[layer_idx].keys[row][:, real[row]].transpose(0, 1)
+            stock_values = stock.cache.layers[layer_idx].values[row][:, real[row]].transpose(0, 1)
+            torch.testing.assert_close(keys, stock_keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values, stock_values, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_matches_stock():
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    sampling = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
+    torch.manual_seed(1234)
+    stock = generate(model, "padded", **sampling)
+    with patch_model(model, block_size=4) as handle:
+        torch.manual_seed(1234)
+        fused = generate(model, "padded", **sampling)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+
+
+def test_bf16_logits_close_to_stock():
+    """bf16 model: stock rounds q/k to bf16 after norm and RoPE; fa_fused keeps fp32 inside. Same tokens are
+    forced on both runs, so the logits compare step by step."""
+    layout = HEAD_LAYOUTS[2]
+    model = qwen3_model(layout, torch.bfloat16)
+    stock = generate(model, "padded")
+    width = prompts("padded")[0].shape[1]
+    forced = stock.sequences[:, width:].tolist()
+
+    def force(row, sequence):
+        return [forced[row][sequence.shape[0] - width]]
+
+    # model.to(bfloat16) rounded the rotary inv_freq too: patch_model says so, and follows the model.
+    with pytest.warns(UserWarning, match="rotary embedding differs"):
+        handle = patch_model(model, block_size=4)
+    with handle:
+        fused = generate(model, "padded", prefix_allowed_tokens_fn=force)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+    diff = max_logit_diff(fused, stock)
+    scale = max(x.float().abs().max().item() for x in stock.logits)
+    print(f"bf16 max |logit diff| vs stock: {diff:.4g} (max |logit| {scale:.3g})")
+    assert diff <= 0.05 * scale
+
+
+def test_remove_restores_stock_exactly():
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    attentions = [layer.self_attn for layer in model.model.layers]
+    hooks = (dict(model.model._forward_pre_hooks), dict(model.model._forward_hooks))
+    handle = patch_model(model, block_size=4)
+    assert all("forward" in attn.__dict__ for attn in attentions)
+    generate(model, "single", new_tokens=3)
+    calls = handle.fused_calls
+    assert calls == 2 * LAYERS
+    handle.remove()
+    handle.remove()  # idempotent
+    assert not handle.active
+    assert all("forward" not in attn.__dict__ for attn in attentions)
+    assert all(attn.forward.__func__ is Qwen3Attention.forward for attn in attentions)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    assert (dict(model.model._forward_pre_hooks), dict(model.model._forward_hooks)) == hooks
+    after = generate(model, "padded")
+    stock = stock_run(layout, "padded")
+    assert handle.fused_calls == calls
+    assert isinstance(after.cache, DynamicCache)
+    assert torch.equal(after.sequences, stock.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(after.logits, stock.logits))
+
+
+def test_patch_twice_is_harmless():
+    model = qwen3_model(HEAD_LAYOUTS[0])
+    with patch_model(model, block_size=4) as first:
+        second = patch_model(model, block_size=8)
+        assert second is first and first.block_size == 8
+        fused = generate(model, "single", new_tokens=4)
+        assert first.fused_calls == 3 * LAYERS
+        assert fused.cache.block_size == 8
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+def test_patches_this_model_only():
+    layout = HEAD_LAYOUTS[0]
+    config = Qwen3Config(**qwen3_config(layout))
+    torch.manual_seed(0)
+    patched = finish(Qwen3ForCausalLM(config), torch.float32)
+    torch.manual_seed(0)
+    other = finish(Qwen3ForCausalLM(config), torch.float32)
+    class_forward = Qwen3Attention.forward
+    with patch_model(patched, block_size=4) as handle:
+        for layer in patched.model.layers:
+            assert layer.self_attn.forward._torch_qwen_fused_patch is handle
+        for layer in other.model.layers:
+            assert "forward" not in layer.self_attn.__dict__
+            assert layer.self_attn.forward.__func__ is class_forward
+        assert Qwen3Attention.forward is class_forward
+        assert isinstance(generate(other, "single", new_tokens=3).cache, DynamicCache)
+        assert handle.fused_calls == 0
+        assert isinstance(generate(patched, "single", new_tokens=3).cache, PagedKVCache)
+        assert handle.fused_calls == 2 * LAYERS
+        # A patched model called without a PagedKVCache runs stock code.
+        ids, _ = prompts("single")
+        with torch.no_grad():
+            torch.testing.assert_close(patched(ids).logits, other(ids).logits, atol=0, rtol=0)
+        assert handle.fused_calls == 2 * LAYERS
+
+
+def test_rejects_models_without_qwen3_attention():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(TypeError, match="has no Qwen3 attention module"):
+        patch_model(LlamaForCausalLM(config))
+    with pytest.raises(TypeError, match="has no Qwen3 attention module"):
+        patch_model(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_explicit_paged_cache(argument):
+    """A user-built PagedKVCache (here a growable pool: no num_blocks) through either keyword."""
+    layout = HEAD_LAYOUTS[1]
+    model = qwen3_model(layout)
+    stock = stock_run(layout, "padded")
+    cache = PagedKVCache(model.config, block_size=16)
+    with patch_model(model) as handle:
+        fused = generate(model, "padded", **{argument: cache})
+    assert fused.cache is cache
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_chunked_prefill_reads_the_paged_cache(attn_implementation):
+    """Prefill chunks after the first attend to the rows' cached tokens (the cache's context path, with a
+    bool mask for sdpa and an additive one for eager attention)."""
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout, attn_implementation=attn_implementation)
+    stock = generate(model, "padded")
+    with patch_model(model, block_size=4) as handle:
+        fused = generate(model, "padded", prefill_chunk_size=48)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+
+
+def test_beam_search_reorders_the_paged_cache():
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    stock = generate(model, "padded", new_tokens=5, num_beams=2)
+    with patch_model(model, block_size=4):
+        fused = generate(model, "padded", new_tokens=5, num_beams=2)
+    assert torch.equal(fused.sequences, stock.sequences)
+
+
+def test_qwen3_moe_matches_stock():
+    model = moe_model()
+    stock = generate(model, "padded")
+    with patch_model(model, block_size=4) as handle:
+        fused = generate(model, "padded")
+    assert isinstance(fused.cache, PagedKVCache)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+
+
+def forward_step(model, cache, ids, mask, new):
+    """One forward as generate() makes it: the last ``new`` tokens, HF position ids from the mask."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, -new:], attention_mask=mask, position_ids=positions[:, -new:], cache=cache,
+                    use_cache=True)
+    return out.logits[:, -1]
+
+
+def test_out_of_blocks_is_clear_and_other_rows_go_on():
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                   # real lengths 10 and 5
+    ids = ids.masked_fill(mask == 0, 0)
+    cache = PagedKVCache(model.config, block_size=4, num_blocks=6)  # 3 + 2 blocks for the prompts
+    with patch_model(model) as handle:
+        logits = [forward_step(model, cache, ids, mask, ids.shape[1])]
+        failed_at = None
+        for step in range(6):
+            token = logits[-1].argmax(-1, keepdim=True)
+            grown_ids, grown_mask = torch.cat((ids, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
+            before = ([t.clone() for layer in cache.layers for t in (layer.k_cache, layer.v_cache)],
+                      cache.seq_lens.clone(), cache.block_table.clone(), cache.get_seq_length())
+            try:
+                logits.append(forward_step(model, cache, grown_ids, grown_mask, 1))
+            except OutOfBlocksError as error:
+                failed_at, message = step, str(error)
+                break
+            ids, mask = grown_ids, grown_mask
+        # Row 1 (5 real tokens) needs a third block when it reaches 9 tokens: step 3; nothing was written.
+        assert failed_at == 3
+        assert "out of blocks" in message and "0 free of 6" in message
+        after = ([t for layer in cache.layers for t in (layer.k_cache, layer.v_cache)], cache.seq_lens,
+                 cache.block_table, cache.get_seq_length())
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+        assert torch.equal(before[1], after[1]) and torch.equal(before[2], after[2]) and before[3] == after[3]
+        # Drop row 1: its blocks go back to the free list and row 0 keeps decoding into them.
+        freed = set(cache.row_blocks[1])
+        cache.batch_select_indices(torch.tensor([0]))
+        ids, mask = ids[:1], mask[:1]
+        for step in range(6):
+            token = logits[-1][:1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat((ids, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
+            logits.append(forward_step(model, cache, ids, mask, 1))
+        assert freed & set(cache.row_blocks[0])
+        assert cache.seq_lens.tolist() == [ids.shape[1]]
+        assert handle.fused_calls == (3 + 6) * LAYERS
+    # Row 0 all along, against the stock model over its whole sequence at once.
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits[0]
+    for step, step_logits in enumerate(logits):
+        torch.testing.assert_close(step_logits[0], reference[9 + step], atol=FP32_TOL, rtol=0)
+
+
+def test_paged_cache_allocator_free_and_reuse():
+    cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=16, block_size=4, num_blocks=6)
+
+    def step(batch, length, **kwargs):
+        plan = cache.begin_forward(batch, length, **kwargs)
+        cache.end_forward()
+        return plan
+
+    plan = step(2, 6)                         # rows of 6 tokens: 2 blocks each
+    assert cache.row_blocks == [[0, 1], [2, 3]] and cache.num_free_blocks == 2
+    assert plan.slots[1].tolist() == [8, 9, 10, 11, 12, 13]
+    # A step that never commits (its forward raised) is undone by the next one.
+    cache.begin_forward(2, 3)
+    assert cache.num_free_blocks == 0
+    step(2, 2)
+    assert cache.seq_lens.tolist() == [8, 8] and cache.num_free_blocks == 2 and cache.get_seq_length() == 8
+    step(2, 1)                                # 9 tokens: the last 2 blocks
+    with pytest.raises(OutOfBlocksError, match="needs 2 more block"):
+        cache.begin_forward(2, 4)
+    assert cache.seq_lens.tolist() == [9, 9] and cache.current_plan is None
+    old_row0 = set(cache.row_blocks[0])
+    cache.free_rows([0])
+    assert cache.seq_lens.tolist() == [0, 9] and cache.num_free_blocks == 3
+    step(2, 4)                                # row 0 starts over in freed blocks, row 1 takes one too
+    assert cache.seq_lens.tolist() == [4, 13]
+    assert set(cache.row_blocks[0]) | {cache.row_blocks[1][3]} <= old_row0
+    # Padding is not stored: the left-padded row gets only its 2 real tokens.
+    cache.reset()
+    assert cache.num_free_blocks == 6 and cache.get_seq_length() == 0
+    plan = step(2, 3, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert cache.seq_lens.tolist() == [3, 2] and plan.slots[1, 0] == -1
+
+
+def test_paged_cache_sizing_and_growth():
+    cache = PagedKVCache(num_layers=3, num_kv_heads=2, head_dim=16, block_size=8,
+                         max_memory=10 * 2 * 3 * 8 * 2 * 16 * 2, dtype=torch.bfloat16)
+    cache.begin_forward(1, 5)
+    cache.end_forward()
+    assert cache.num_blocks == 10 and cache.layers[2].k_cache.shape == (10, 8, 2, 16)
+    assert cache.layers[0].v_cache.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="patch_model"):
+        cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
+    with pytest.raises(ValueError, match="not both"):
+        PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, num_blocks=2, max_memory=1 << 20)
+    # Without num_blocks/max_memory the pool grows, keeping what it holds.
+    growable = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, block_size=2)
+    growable.begin_forward(1, 3)
+    keys = torch.randn(1, 1, 3, 16)
+    growable.update(keys, -keys, 0)
+    growable.end_forward()
+    first = growable.num_blocks
+    growable.begin_forward(1, 4 * first)
+    growable.end_forward()
+    assert growable.num_blocks > first and growable.seq_lens.tolist() == [3 + 4 * first]
+    held = growable.layers[0].k_cache[growable.row_blocks[0]].flatten(0, 1)[:3, 0]
+    torch.testing.assert_close(held, keys[0, 0], atol=0, rtol=0)

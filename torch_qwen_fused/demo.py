@@ -1,0 +1,213 @@
+"""Stock Hugging Face Qwen3 vs the same model patched to decode through ``torch.ops.qwen.fa_fused``.
+
+    python -m torch_qwen_fused.demo                      # Qwen3-0.6B shape, random weights
+    python -m torch_qwen_fused.demo --preset 14b --layers 2   # the Qwen3-14B attention (40/8/128)
+
+Builds a seeded random-weight model from a Qwen3 config (no download), generates greedily from one left-padded
+batch of prompts of different lengths with stock HF (``attn_implementation="sdpa"``, ``DynamicCache``), then
+with ``patch_model(model)`` (``PagedKVCache``; every decode step of every layer one ``fa_fused`` call), and
+prints the token agreement, decode tokens/s of both runs and the number of fused calls.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+PRESETS = {
+    # Qwen3-0.6B: hidden 1024, 16 q / 8 kv heads of 128, 28 layers, tied embeddings.
+    "0.6b": dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, num_hidden_layers=28,
+                 intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
+    # Qwen3-14B: hidden 5120, 40 q / 8 kv heads of 128 (GQA 5), 40 layers.
+    "14b": dict(hidden_size=5120, num_attention_heads=40, num_key_value_heads=8, head_dim=128, num_hidden_layers=40,
+                intermediate_size=17408, vocab_size=151936, tie_word_embeddings=False),
+}
+# What the 14b preset runs by default to stay within minutes on a small CPU (each override is printed).
+# The vocabulary only sizes the embedding and lm_head; all 28 layers of 0.6b keep their real shape.
+DEMO_CUTS = {"0.6b": dict(vocab_size=32768), "14b": dict(num_hidden_layers=2, vocab_size=32768)}
+# Default run per preset. 0.6b: the longest row (112 + 23 cached tokens) crosses a 128-token block boundary.
+RUN_DEFAULTS = {"0.6b": dict(prompt_len=112, new_tokens=24), "14b": dict(prompt_len=48, new_tokens=16)}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+class StepClock:
+    """A stopping criterion that never stops: it stamps each generated token and shows progress."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.stamps = label, total, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        sys.stdout.write(f"\r  {self.label}: token {len(self.stamps)}/{self.total}")
+        if len(self.stamps) == self.total:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def decode_tokens_per_s(self, batch: int) -> float:
+        """Decode steps only: from the first generated token (the prefill's) to the last."""
+        return batch * (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="0.6b")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: 28 for 0.6b, 2 for 14b)")
+    parser.add_argument("--vocab", type=int, help="vocabulary size (default 32768; Qwen3 has 151936)")
+    parser.add_argument("--batch", type=int, default=4, help="prompts, left-padded to the longest (default 4)")
+    parser.add_argument("--prompt-len", type=int, help="longest prompt, the others 1/8 shorter each "
+                                                        "(default: 112 for 0.6b, 48 for 14b)")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: 24 for 0.6b, 16 for 14b)")
+    parser.add_argument("--block-size", type=int, default=128, help="paged KV cache block size (default 128)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--repeat", type=int, default=1, help="timed stock/patched pairs (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, value in RUN_DEFAULTS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.batch < 1 or args.repeat < 1:
+        parser.error("--new-tokens must be >= 2, --prompt-len, --batch and --repeat >= 1")
+    return args
+
+
+def random_model(model_class, config, seed: int):
+    """The model with seeded random weights, built without HF's slow two-pass init: on the meta device, then
+    filled once. Linear and embedding weights are uniform with HF's std (``initializer_range``), norm weights 1."""
+    with torch.device("meta"):
+        model = model_class(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()                             # to_empty gives tied parameters separate storage
+    generator = torch.Generator().manual_seed(seed)
+    bound = config.initializer_range * 3 ** 0.5
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.uniform_(-bound, bound, generator=generator)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config)   # its inv_freq buffer is computed, not a parameter
+    return model
+
+
+def build_model(args):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shape = dict(PRESETS[args.preset], **DEMO_CUTS[args.preset])
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
+    if args.vocab is not None:
+        shape["vocab_size"] = args.vocab
+    config = Qwen3Config(**shape, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, attn_implementation="sdpa")
+    full = PRESETS[args.preset]
+    cuts = [f"{key}={shape[key]} (Qwen3 has {full[key]})" for key in full if shape[key] != full[key]]
+    log(f"model: Qwen3 {args.preset} shape: hidden {config.hidden_size}, heads {config.num_attention_heads}/"
+        f"{config.num_key_value_heads} (q/kv) x {config.head_dim}, {config.num_hidden_layers} layers, intermediate "
+        f"{config.intermediate_size}, vocab {config.vocab_size}; random weights, seed {args.seed}, {args.dtype}")
+    if cuts:
+        log(f"       cut for the demo's time budget: {', '.join(cuts)}")
+    start = time.perf_counter()
+    model = random_model(Qwen3ForCausalLM, config, args.seed).to(getattr(torch, args.dtype)).eval()
+    model.generation_config.eos_token_id = None    # random weights: generate exactly --new-tokens tokens
+    model.generation_config.pad_token_id = 0
+    params = sum(p.numel() for p in model.parameters())
+    log(f"       {params / 1e6:.0f}M parameters, built in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def make_prompts(args, vocab_size):
+    """Left-padded random prompts, the longest ``--prompt-len``, each next one 1/8 shorter."""
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    lengths = [max(1, args.prompt_len - row * max(1, args.prompt_len // 8)) for row in range(args.batch)]
+    ids = torch.randint(1, vocab_size, (args.batch, args.prompt_len), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, args.prompt_len - length:] = 1
+    return ids.masked_fill(mask == 0, 0), mask, lengths
+
+
+def run(model, ids, mask, new_tokens, label):
+    clock = StepClock(label, new_tokens)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             stopping_criteria=[clock], return_dict_in_generate=True, output_logits=True)
+    return out, clock, clock.stamps[0] - start
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import transformers
+
+    import torch_qwen_fused
+    from torch_qwen_fused.hf import patch_model
+
+    log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"torch_qwen_fused from {torch_qwen_fused.__file__}")
+    model = build_model(args)
+    ids, mask, lengths = make_prompts(args, model.config.vocab_size)
+    log(f"prompts: batch {args.batch}, real lengths {lengths} (left-padded to {args.prompt_len}), "
+        f"{args.new_tokens} new tokens each, greedy")
+
+    # The first large prefill pays for cold memory; warm both paths so neither timed run does.
+    log("warm-up: 2 tokens on each path (the stock one on the full batch)")
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        with patch_model(model, block_size=args.block_size):
+            model.generate(input_ids=ids[:, -8:], max_new_tokens=2, do_sample=False)
+
+    stock_speeds, fused_speeds, fused_calls = [], [], []
+    for rep in range(args.repeat):
+        tag = f" (repeat {rep + 1}/{args.repeat})" if args.repeat > 1 else ""
+        log(f"stock HF: sdpa attention, DynamicCache{tag}")
+        stock, stock_clock, stock_prefill = run(model, ids, mask, args.new_tokens, "stock  ")
+        log(f"patched: patch_model(model, block_size={args.block_size}), PagedKVCache + fa_fused{tag}")
+        with patch_model(model, block_size=args.block_size) as handle:
+            fused, fused_clock, fused_prefill = run(model, ids, mask, args.new_tokens, "patched")
+            cache = fused.cache
+        stock_speeds.append(stock_clock.decode_tokens_per_s(args.batch))
+        fused_speeds.append(fused_clock.decode_tokens_per_s(args.batch))
+        fused_calls.append(handle.fused_calls)
+
+    new_stock = stock.sequences[:, args.prompt_len:]
+    new_fused = fused.sequences[:, args.prompt_len:]
+    agree = (new_stock == new_fused)
+    first_diff = [int(row.logical_not().nonzero()[0]) if not row.all() else None for row in agree]
+    same_prefix = min([d for d in first_diff if d is not None], default=args.new_tokens)
+    logit_diff = max((a - b).abs().max().item() for a, b in zip(stock.logits[:same_prefix + 1],
+                                                                  fused.logits[:same_prefix + 1]))
+    stock_tps, fused_tps = max(stock_speeds), max(fused_speeds)
+    decode_steps = args.new_tokens - 1
+    layers = model.config.num_hidden_layers
+    used_blocks = sum(len(blocks) for blocks in cache.row_blocks)
+
+    log("")
+    log("== results")
+    log(f"token agreement     : {int(agree.sum())}/{agree.numel()} generated tokens identical "
+        f"({100.0 * agree.float().mean().item():.1f}%); rows fully identical: {int(agree.all(1).sum())}/{args.batch}"
+        + ("" if all(d is None for d in first_diff) else f"; first difference per row at token {first_diff}"))
+    log(f"max |logit diff|    : {logit_diff:.3g} (steps before any token differs; max |logit| "
+        f"{max(x.abs().max().item() for x in stock.logits):.3g})")
+    best = " (best of each)" if args.repeat > 1 else ""
+    log(f"decode tokens/s     : stock {stock_tps:.2f}, patched {fused_tps:.2f}{best} "
+        f"(x{fused_tps / stock_tps:.2f}; batch {args.batch} x {decode_steps} decode steps; "
+        f"{torch.get_num_threads()} threads, shared machine: a few % is noise)")
+    log(f"prefill seconds     : stock {stock_prefill:.2f}, patched {fused_prefill:.2f} (same stock attention math)")
+    expected = decode_steps * layers
+    log(f"fused calls         : {handle.fused_calls} torch.ops.qwen.fa_fused calls = {decode_steps} decode steps x "
+        f"{layers} layers" + ("" if set(fused_calls) == {expected} else f" (MISMATCH: {fused_calls})"))
+    log(f"paged cache         : block_size {cache.block_size}, {used_blocks}/{cache.num_blocks} blocks used, "
+        f"real tokens per row {cache.seq_lens.tolist()} (padding not stored)")
+    log(f"total time          : {time.perf_counter() - started:.1f} s")
+    return 0 if set(fused_calls) == {expected} and bool(agree.all()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

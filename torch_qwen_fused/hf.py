@@ -1,0 +1,341 @@
+"""One call that makes a stock Hugging Face Qwen3 (or Qwen3-MoE) model decode through ``torch.ops.qwen.fa_fused``.
+
+``patch_model(model)`` rebinds ``forward`` on *that* model's attention modules (the class, and every other
+instance, stay stock), hooks its base model to plan each step in a ``PagedKVCache``, and makes its plain
+``generate()`` use a ``PagedKVCache``. Then:
+
+* prefill (several tokens per row) runs the stock attention code (q/k norm, RoPE, the model's causal +
+  padding mask, its attention implementation); the cache's ``update`` writes the real tokens' normed, roped
+  K and raw V into the paged cache, one vectorized write per layer, and drops the padding;
+* each decode step (one new real token per row) of each layer is one ``torch.ops.qwen.fa_fused`` call: qk-norm,
+  RoPE at HF's ``position_ids``, the cache write and paged GQA attention over the row's real tokens, then the
+  stock ``o_proj``.
+
+Any other cache (``DynamicCache``, ``StaticCache``, none) runs the stock forward untouched.
+"""
+
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
+from .ops import rope_cos_sin
+from .paged_cache import BlockAllocator, OutOfBlocksError, PagedKVCache
+
+__all__ = ["patch_model", "PatchHandle", "PagedKVCache", "OutOfBlocksError", "BlockAllocator"]
+
+_MISSING = object()
+_HANDLES = weakref.WeakKeyDictionary()          # model -> its active PatchHandle
+_PATCHED_MODULES = weakref.WeakKeyDictionary()  # attention module -> the PatchHandle that patched it
+_ROPE_CHECK_POSITIONS = 2048
+_MIN_ROPE_TABLE = 4096
+
+
+def _qwen3_classes():
+    """(attention classes, base model classes), imported lazily: only HF users import this module."""
+    from transformers.models.qwen3 import modeling_qwen3
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    return ((modeling_qwen3.Qwen3Attention, modeling_qwen3_moe.Qwen3MoeAttention),
+            (modeling_qwen3.Qwen3Model, modeling_qwen3_moe.Qwen3MoeModel))
+
+
+class PatchHandle:
+    """What ``patch_model`` returns: undo it with ``remove()`` or by leaving a ``with`` block.
+
+    Attributes:
+        fused_calls: how many attention calls went through ``torch.ops.qwen.fa_fused`` (one per layer per
+            decode step: one new token per row).
+        block_size, num_blocks, max_memory: how the caches that ``generate()`` builds are sized (see
+            ``new_cache``).
+        last_cache: the last ``PagedKVCache`` the patched ``generate()`` built (held weakly), or None.
+    """
+
+    def __init__(self, model, base, attentions, block_size, num_blocks, max_memory):
+        self.model = model
+        self.fused_calls = 0
+        self._base = base
+        self._attentions = attentions
+        self._configure(block_size, num_blocks, max_memory)
+        self._saved = []          # (object, attribute, value in its __dict__ or _MISSING)
+        self._hooks = []
+        self._last_cache = None
+        self._active = False
+        self._cos = self._sin = None
+        first = attentions[0]
+        self.head_dim = first.head_dim
+        self._dtype = first.k_proj.weight.dtype
+        self._device = first.k_proj.weight.device
+        self._rope_type, self._rope_theta = _rope_settings(model.config.get_text_config(decoder=True))
+
+    def _configure(self, block_size, num_blocks, max_memory):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"patch_model: block_size must be an int >= 1, got {block_size!r}")
+        if num_blocks is not None and max_memory is not None:
+            raise ValueError("patch_model: give num_blocks or max_memory, not both")
+        self.block_size, self.num_blocks, self.max_memory = block_size, num_blocks, max_memory
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def last_cache(self) -> Optional[PagedKVCache]:
+        return self._last_cache() if self._last_cache is not None else None
+
+    def __repr__(self):
+        return (f"PatchHandle({type(self.model).__name__}, {len(self._attentions)} attention modules, "
+                f"active={self._active}, fused_calls={self.fused_calls}, block_size={self.block_size})")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def new_cache(self, batch_size: Optional[int] = None, max_length: Optional[int] = None) -> PagedKVCache:
+        """A ``PagedKVCache`` for this model, in its dtype and on its device.
+
+        With ``num_blocks``/``max_memory`` given to ``patch_model`` the pool has that size; otherwise, given
+        ``batch_size`` and ``max_length`` (tokens per row, padding included), exactly
+        ``batch_size * ceil(max_length / block_size)`` blocks (enough: padding is never stored); otherwise
+        a pool that grows as needed.
+        """
+        num_blocks = self.num_blocks
+        if num_blocks is None and self.max_memory is None and batch_size and max_length:
+            num_blocks = batch_size * -(-max_length // self.block_size)
+        cache = PagedKVCache(self.model.config, block_size=self.block_size, num_blocks=num_blocks,
+                             max_memory=self.max_memory, dtype=self._dtype, device=self._device)
+        self._last_cache = weakref.ref(cache)
+        return cache
+
+    # ------------------------------------------------------------------ patching
+    def _apply(self):
+        for module in self._attentions:
+            original = module.forward
+            self._save(module, "forward")
+            module.forward = self._make_forward(module, original)
+            _PATCHED_MODULES[module] = self
+        self._hooks.append(self._base.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+        self._hooks.append(self._base.register_forward_hook(self._end_step, with_kwargs=True))
+        if hasattr(self.model, "_prepare_cache_for_generation"):
+            self._save(self.model, "_prepare_cache_for_generation")
+            self.model._prepare_cache_for_generation = self._make_prepare_cache(
+                self.model._prepare_cache_for_generation)
+        self._active = True
+
+    def _save(self, obj, name):
+        self._saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+
+    def remove(self) -> None:
+        """Restores the stock behaviour exactly (the original bound methods, no hooks). Idempotent."""
+        if not self._active:
+            return
+        self._active = False
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for obj, name, value in reversed(self._saved):
+            if value is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = value
+        self._saved = []
+        for module in self._attentions:
+            _PATCHED_MODULES.pop(module, None)
+        if _HANDLES.get(self.model) is self:
+            del _HANDLES[self.model]
+
+    def _make_prepare_cache(self, original):
+        from transformers.cache_utils import DynamicCache
+
+        handle = self
+
+        def _prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                          max_cache_length):
+            result = original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+            cache = model_kwargs.get("cache")
+            if (handle._active and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                    and not getattr(cache, "offloading", False)
+                    and generation_config.cache_implementation in (None, "dynamic")):
+                rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+                model_kwargs["cache"] = handle.new_cache(rows, max_cache_length)
+            return result
+
+        _prepare_cache_for_generation._torch_qwen_fused_patch = self
+        return _prepare_cache_for_generation
+
+    # ------------------------------------------------------------------ per step (hooks on the base model)
+    def _begin_step(self, module, args, kwargs):
+        # Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, ...)
+        names = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")
+        given = dict(zip(names, args))
+        given.update({name: kwargs[name] for name in names if name in kwargs})
+        cache = given.get("cache", kwargs.get("past_key_values"))
+        if not isinstance(cache, PagedKVCache):
+            return None
+        tokens = given.get("input_ids")
+        tokens = tokens if tokens is not None else given.get("inputs_embeds")
+        plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
+                                   position_ids=given.get("position_ids"), dtype=self._dtype, device=self._device)
+        self._ensure_rope(int(plan.positions.max()) + 1)
+        return None
+
+    def _end_step(self, module, args, kwargs, output):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and len(args) > 3:
+            cache = args[3]
+        if isinstance(cache, PagedKVCache) and cache.current_plan is not None:
+            cache.end_forward()
+        return None
+
+    def _ensure_rope(self, positions: int):
+        """fp32 rotate-half tables covering ``positions``: the model's own rotary embedding, evaluated once."""
+        if self._cos is not None and self._cos.shape[0] >= positions:
+            return
+        size = max(positions, _MIN_ROPE_TABLE, 2 * (self._cos.shape[0] if self._cos is not None else 0))
+        self._cos, self._sin = self._model_rope(size)
+
+    def _model_rope(self, size: int):
+        """The model's rotary embedding at positions 0..size-1, in fp32 (as stock computes it before casting
+        to the activations' dtype): [size, head_dim] each. Its inv_freq buffer is used as it is, so a model
+        cast with ``.to(dtype)`` (which rounds inv_freq too) keeps its stock RoPE."""
+        probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32, device=self._device)
+        positions = torch.arange(size, device=self._device).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = self._base.rotary_emb(probe, positions)
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def _check_rope(self):
+        """For the default RoPE, the model's tables should be ``rope_cos_sin(rope_theta)``; warn if not."""
+        self._ensure_rope(_MIN_ROPE_TABLE)
+        if self._rope_type != "default":
+            return
+        check = min(_ROPE_CHECK_POSITIONS, self._cos.shape[0])
+        cos, sin = rope_cos_sin(check, self.head_dim, self._rope_theta, torch.float32, self._device)
+        error = max((cos - self._cos[:check]).abs().max().item(), (sin - self._sin[:check]).abs().max().item())
+        if error > 1e-5:
+            warnings.warn(f"patch_model: the model's rotary embedding differs from rope_cos_sin(rope_theta="
+                          f"{self._rope_theta}) by up to {error:.3g} over {check} positions (its inv_freq buffer is "
+                          f"{self._base.rotary_emb.inv_freq.dtype}: was the model cast with .to(dtype)?). fa_fused "
+                          "uses the model's own tables, as stock attention does.", stacklevel=3)
+
+    # ------------------------------------------------------------------ the patched attention forward
+    def _make_forward(self, module, original):
+        handle = self
+
+        def forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                    **kwargs):
+            cache = cache if cache is not None else past_key_values
+            if not (handle._active and isinstance(cache, PagedKVCache)):
+                return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+            plan = cache.current_plan
+            if plan is None:
+                cache._require_plan(f"layer {module.layer_idx}")  # raises: no step in progress
+            decode = (plan.query_length == 1 and plan.all_real and not kwargs.get("output_attentions")
+                      and not (module.training and module.attention_dropout > 0))
+            if decode:
+                return handle._fused_decode(module, hidden_states, cache, plan)
+            if plan.has_past:
+                attention_mask = cache.context_mask(plan)
+                if module.config._attn_implementation != "sdpa":  # eager & co. add a float mask
+                    attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype,
+                                                 device=hidden_states.device).masked_fill_(
+                        ~attention_mask, torch.finfo(hidden_states.dtype).min)
+            return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+
+        forward._torch_qwen_fused_patch = self
+        forward.__doc__ = f"torch_qwen_fused.hf patched forward of {type(module).__name__} (layer {module.layer_idx})"
+        return forward
+
+    def _fused_decode(self, module, hidden_states, cache, plan):
+        batch = hidden_states.shape[0]
+        head_dim = module.head_dim
+        query = module.q_proj(hidden_states).view(batch, -1, head_dim)
+        key = module.k_proj(hidden_states).view(batch, -1, head_dim)
+        value = module.v_proj(hidden_states).view(batch, -1, head_dim)
+        layer = cache.layers[module.layer_idx]
+        out = torch.ops.qwen.fa_fused(
+            query, key, value, module.q_norm.weight, module.k_norm.weight, self._cos, self._sin,
+            layer.k_cache, layer.v_cache, cache.block_table, plan.seq_lens,
+            positions=plan.decode_positions, slot_mapping=plan.decode_slots,
+            eps=module.q_norm.variance_epsilon, scale=module.scaling)
+        self.fused_calls += 1
+        return module.o_proj(out.reshape(batch, 1, -1)), None
+
+
+def _rope_settings(config):
+    parameters = getattr(config, "rope_parameters", None) or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
+    if rope_type == "default" and theta is None:
+        raise ValueError("patch_model: the config has no rope_theta (config.rope_parameters['rope_theta'])")
+    if rope_type == "dynamic" or rope_type == "longrope":
+        raise NotImplementedError(f"patch_model: rope_type={rope_type!r} rescales RoPE with the sequence length; "
+                                  "fa_fused takes fixed cos/sin tables")
+    return rope_type, theta
+
+
+def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
+                max_memory: Optional[int] = None) -> PatchHandle:
+    """Makes this Qwen3 / Qwen3-MoE model decode through ``torch.ops.qwen.fa_fused`` with a paged KV cache.
+
+    Rebinds ``forward`` on the model's own attention modules (not the class: other instances stay stock),
+    hooks its base model (``Qwen3Model``/``Qwen3MoeModel``) so that each step is planned once in the
+    ``PagedKVCache`` (which new tokens are real, their slots and RoPE positions), and makes ``generate()``
+    build a ``PagedKVCache`` when it would have built its default ``DynamicCache``. An explicit
+    ``generate(..., cache=PagedKVCache(model.config))`` (or the deprecated ``past_key_values=``) works too.
+    Prefill keeps the stock attention math; every decode step (one new token per row) of every layer is one
+    ``fa_fused`` call, with HF's ``position_ids`` as RoPE positions and only real tokens in the cache.
+
+    Arguments:
+        model: a transformers Qwen3 or Qwen3-MoE model (``*ForCausalLM`` or the base model).
+        block_size: tokens per cache block of the caches ``generate()`` builds, >= 1. Default 128.
+        num_blocks [optional]: fixed pool size of those caches (blocks shared by all rows).
+        max_memory [optional]: bytes for the K and V pools of all layers; sets num_blocks. Default (neither):
+            each ``generate()`` call gets ``rows * ceil(max_length / block_size)`` blocks.
+
+    Return:
+        a ``PatchHandle``: ``handle.remove()`` (or leaving ``with patch_model(model) as handle:``) restores the
+        stock model exactly; ``handle.fused_calls`` counts the ``fa_fused`` calls. Patching a patched model
+        returns its handle, with the new settings.
+
+    Raises:
+        TypeError if the model has no Qwen3 attention; NotImplementedError for sliding-window attention,
+        dynamic RoPE, or a head_dim the op cannot take; ValueError for bad settings.
+    """
+    handle = _HANDLES.get(model)
+    if handle is not None and handle.active:
+        handle._configure(block_size, num_blocks, max_memory)
+        return handle
+    attention_classes, base_classes = _qwen3_classes()
+    attentions = [m for m in model.modules() if isinstance(m, attention_classes)]
+    if not attentions:
+        raise TypeError(f"patch_model: {type(model).__name__} has no Qwen3 attention module "
+                        f"({', '.join(c.__name__ for c in attention_classes)}); only Qwen3 and Qwen3-MoE "
+                        "models can be patched")
+    bases = [m for m in model.modules() if isinstance(m, base_classes)]
+    if len(bases) != 1:
+        raise TypeError(f"patch_model: expected one Qwen3Model/Qwen3MoeModel inside {type(model).__name__}, "
+                        f"found {len(bases)}")
+    for module in attentions:
+        owner = _PATCHED_MODULES.get(module)
+        if owner is not None and owner.active:
+            raise ValueError(f"patch_model: layer {module.layer_idx} of {type(model).__name__} is already patched "
+                             f"through {type(owner.model).__name__}; remove that handle first")
+        if module.sliding_window is not None:
+            raise NotImplementedError(f"patch_model: layer {module.layer_idx} uses sliding-window attention "
+                                      f"({module.sliding_window}); the paged decode path attends to whole rows")
+        if module.head_dim % 16 or not 16 <= module.head_dim <= 256:
+            raise NotImplementedError(f"patch_model: fa_fused takes a head_dim that is a multiple of 16 up to 256, "
+                                      f"the model has {module.head_dim}")
+        if module.q_norm.variance_epsilon != module.k_norm.variance_epsilon:
+            raise NotImplementedError("patch_model: q_norm and k_norm have different eps; fa_fused takes one")
+    handle = PatchHandle(model, bases[0], attentions, block_size, num_blocks, max_memory)
+    handle._check_rope()
+    handle._apply()
+    _HANDLES[model] = handle
+    return handle

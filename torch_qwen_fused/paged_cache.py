@@ -1,0 +1,574 @@
+"""A paged KV cache behind the Hugging Face transformers ``Cache`` API (transformers 5.x).
+
+Per layer, ``k_cache``/``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]`` (vLLM's "NHD"
+layout, what ``torch.ops.qwen.fa_fused`` reads and writes). All layers share one block allocator (a free
+list), one block table ``[batch, max_blocks]`` int32 and one ``seq_lens`` ``[batch]`` int32: every layer
+sees the same tokens, as in vLLM.
+
+Two lengths are kept, because Hugging Face pads batches on the left:
+
+* ``seq_lens[b]``: the *real* tokens of row b held in the cache (padding is never stored);
+* ``get_seq_length()``: the tokens seen per row by the model, padding included (what ``generate()``, the
+  masks and ``position_ids`` count with, exactly as ``DynamicCache`` reports it).
+
+A forward step is bracketed by ``begin_forward`` (plans the step once for all layers: which new tokens
+are real, their RoPE positions, their cache slots; allocates the blocks, or raises ``OutOfBlocksError``
+before anything is touched) and ``end_forward`` (commits the lengths). ``torch_qwen_fused.hf.patch_model``
+installs both as hooks on the model; a step that fails in between is rolled back at the next
+``begin_forward``.
+"""
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+__all__ = ["PagedKVCache", "OutOfBlocksError", "BlockAllocator"]
+
+
+class OutOfBlocksError(RuntimeError):
+    """The block pool cannot hold a step's tokens. Raised before anything is allocated or written."""
+
+
+class BlockAllocator:
+    """Free list over the physical block ids ``[0, num_blocks)``; freed blocks are reused first."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list:
+        """``count`` block ids, all or none."""
+        if count > len(self._free):
+            raise OutOfBlocksError(f"need {count} blocks, {len(self._free)} of {self.num_blocks} are free")
+        if count <= 0:
+            return []
+        taken = self._free[-count:][::-1]
+        del self._free[-count:]
+        return taken
+
+    def free(self, blocks: Sequence[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def grow(self, num_blocks: int) -> None:
+        """Adds the ids ``[self.num_blocks, num_blocks)``, handed out after the already free ones."""
+        self._free[:0] = range(num_blocks - 1, self.num_blocks - 1, -1)
+        self.num_blocks = num_blocks
+
+
+@dataclass
+class StepPlan:
+    """What one forward step writes, computed once for all layers by ``PagedKVCache.begin_forward``."""
+
+    query_length: int
+    real: torch.Tensor           # [B, q] bool: which new tokens are real (not padding)
+    all_real: bool
+    positions: torch.Tensor      # [B, q] int64: HF position ids (RoPE positions) of the new tokens
+    past_lens: torch.Tensor      # [B] int64: real tokens cached before this step
+    seq_lens: torch.Tensor       # [B] int32: real tokens cached after this step
+    slots: torch.Tensor          # [B, q] int64: flat cache slot of each new token, -1 for padding
+    real_index: Optional[torch.Tensor]  # [N] int64: flat (b * q + t) index of the real new tokens, None if all
+    real_slots: torch.Tensor     # [N] int64: their slots
+    has_past: bool               # some row already holds tokens: attention must read the cache
+    new_blocks: list             # [(row, block)] allocated by this step, undone if the step never commits
+    context_mask: Optional[torch.Tensor] = None  # [B, 1, q, past + q] bool, built on demand
+
+    @property
+    def decode_positions(self) -> torch.Tensor:
+        return self.positions[:, 0]
+
+    @property
+    def decode_slots(self) -> torch.Tensor:
+        return self.slots[:, 0]
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer's ``k_cache``/``v_cache``; lengths, block tables and the allocator live in the cache."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cache: "PagedKVCache", layer_idx: int):
+        super().__init__()
+        self._cache = weakref.ref(cache)
+        self.layer_idx = layer_idx
+
+    @property
+    def k_cache(self) -> Optional[torch.Tensor]:
+        return self.keys
+
+    @property
+    def v_cache(self) -> Optional[torch.Tensor]:
+        return self.values
+
+    def __repr__(self):
+        shape = None if self.keys is None else list(self.keys.shape)
+        return f"PagedLayer(layer_idx={self.layer_idx}, k_cache={shape})"
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        """The pool is allocated by ``PagedKVCache.begin_forward``, for all layers at once."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._cache().update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple:
+        return self._cache().get_mask_sizes(query_length, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self._cache().get_seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _whole_cache_only(self, name):
+        raise NotImplementedError(f"PagedLayer.{name}: the layers of a PagedKVCache share their block tables; "
+                                  f"call PagedKVCache.{name} instead")
+
+    def reset(self):
+        self._whole_cache_only("reset")
+
+    def crop(self, tokens_to_remove):
+        self._whole_cache_only("crop")
+
+    def reorder_cache(self, beam_idx):
+        self._whole_cache_only("reorder_cache")
+
+    def batch_repeat_interleave(self, repeats):
+        self._whole_cache_only("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._whole_cache_only("batch_select_indices")
+
+
+class PagedKVCache(Cache):
+    """Paged KV cache for Qwen3 decoding through ``torch.ops.qwen.fa_fused``, usable as a transformers ``Cache``.
+
+    Per layer it owns ``layers[i].k_cache`` / ``layers[i].v_cache``: (num_blocks, block_size, num_kv_heads,
+    head_dim), in the model's dtype. Rows get blocks from a shared free list as they grow; ``block_table``
+    (batch, max_blocks) int32 maps each row's logical blocks to physical ones and ``seq_lens`` (batch,) int32
+    counts the real (non-padding) tokens of each row. Give it to ``generate(..., cache=...)`` (or the
+    deprecated ``past_key_values=``) of a model patched by ``torch_qwen_fused.hf.patch_model``; a patched
+    model's plain ``generate()`` builds one itself.
+
+    Arguments:
+        config [optional]: the model config (``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``
+            are read from it); or give ``num_layers``, ``num_kv_heads``, ``head_dim``.
+        block_size: tokens per block, >= 1. Default 128.
+        num_blocks [optional]: fixed size of the pool. A step that needs more raises ``OutOfBlocksError``
+            before anything is written.
+        max_memory [optional]: bytes for the K and V pools of all layers together; fixes
+            ``num_blocks = max_memory // bytes_per_block``. Give ``num_blocks`` or ``max_memory``, not both.
+            With neither, the pool is sized at the first step and grows (reallocated, at least doubling) when full.
+        dtype, device [optional]: of the pools; default the dtype and device passed by the first
+            ``begin_forward`` (the patched model passes its own).
+    """
+
+    is_compileable = False
+
+    def __init__(self, config=None, *, block_size: int = 128, num_blocks: Optional[int] = None,
+                 max_memory: Optional[int] = None, num_layers: Optional[int] = None,
+                 num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device=None):
+        if config is not None:
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            num_layers = num_layers or text.num_hidden_layers
+            num_kv_heads = num_kv_heads or text.num_key_value_heads
+            head_dim = head_dim or getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PagedKVCache: {name} must be a positive int (or come from config), got {value!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"PagedKVCache: block_size must be an int >= 1, got {block_size!r}")
+        if num_blocks is not None and max_memory is not None:
+            raise ValueError("PagedKVCache: give num_blocks or max_memory, not both")
+        if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
+            raise ValueError(f"PagedKVCache: num_blocks must be an int >= 1, got {num_blocks!r}")
+        if max_memory is not None and max_memory <= 0:
+            raise ValueError(f"PagedKVCache: max_memory must be a positive number of bytes, got {max_memory!r}")
+        super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self._requested_blocks = num_blocks
+        self._max_memory = max_memory
+        self._dtype = dtype
+        self._device = torch.device(device) if device is not None else None
+        self._allocator: Optional[BlockAllocator] = None
+        self._row_blocks: list = []
+        self._block_table = torch.zeros(0, 1, dtype=torch.int32)
+        self._seq_lens = torch.zeros(0, dtype=torch.int32)
+        self._seen_tokens = 0
+        self._plan: Optional[StepPlan] = None
+
+    # ------------------------------------------------------------------ introspection
+    def __repr__(self):
+        return (f"PagedKVCache(layers={len(self.layers)}, block_size={self.block_size}, num_blocks={self.num_blocks}, "
+                f"free_blocks={self.num_free_blocks}, rows={len(self._row_blocks)}, "
+                f"seq_lens={self._seq_lens.tolist()}, seen_tokens={self._seen_tokens})")
+
+    @property
+    def num_blocks(self) -> Optional[int]:
+        """Blocks in the pool (None before the pool is allocated)."""
+        return self._allocator.num_blocks if self._allocator is not None else self._requested_blocks
+
+    @property
+    def num_free_blocks(self) -> Optional[int]:
+        return self._allocator.num_free if self._allocator is not None else None
+
+    @property
+    def growable(self) -> bool:
+        return self._requested_blocks is None and self._max_memory is None
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """(batch, max_blocks) int32; columns past a row's blocks hold 0 and are never read."""
+        return self._block_table
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """(batch,) int32: real (non-padding) tokens held per row. Do not modify in place."""
+        return self._seq_lens
+
+    @property
+    def row_blocks(self) -> list:
+        """Physical blocks of each row, in logical order (a copy)."""
+        return [list(blocks) for blocks in self._row_blocks]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._row_blocks) if self._row_blocks else -1
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._allocator is not None
+
+    @property
+    def current_plan(self) -> Optional[StepPlan]:
+        """The step between ``begin_forward`` and ``end_forward``, if any."""
+        return self._plan
+
+    def bytes_per_block(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes one block takes in the K and V pools of all layers."""
+        dtype = dtype or self._dtype or torch.float32
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(self.layers) * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    # ------------------------------------------------------------------ HF Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen per row, padding included (as ``DynamicCache``); ``seq_lens`` has the real ones."""
+        return self._seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple:
+        return self._seen_tokens + query_length, 0
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return -1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Writes this step's real new tokens of layer ``layer_idx`` (one vectorized write each for K and V).
+
+        key_states, value_states: (batch, num_kv_heads, query_length, head_dim), K already normed and roped.
+        Returns the keys and values attention must read: the inputs themselves when no row holds earlier
+        tokens (so the model's own mask applies), else the rows' cached tokens followed by the new ones,
+        to be used with ``context_mask(plan)``.
+        """
+        plan = self._require_plan("update")
+        batch, heads, length, head_dim = key_states.shape
+        expected = (len(self._row_blocks), self.num_kv_heads, plan.query_length, self.head_dim)
+        if (batch, heads, length, head_dim) != expected:
+            raise ValueError(f"PagedKVCache.update: key_states must have shape {list(expected)} "
+                             f"[batch, num_kv_heads, query_length, head_dim], got {list(key_states.shape)}")
+        layer = self.layers[layer_idx]
+        for new, pool in ((key_states, layer.keys), (value_states, layer.values)):
+            flat = new.transpose(1, 2).reshape(batch * length, heads, head_dim)
+            if plan.real_index is not None:
+                flat = flat.index_select(0, plan.real_index)
+            pool.view(-1, heads, head_dim).index_copy_(0, plan.real_slots, flat.to(pool.dtype))
+        if not plan.has_past:
+            return key_states, value_states
+        return self._with_context(layer, plan, key_states), self._with_context(layer, plan, value_states, values=True)
+
+    def context_mask(self, plan: Optional[StepPlan] = None) -> torch.Tensor:
+        """(batch, 1, query_length, past + query_length) bool mask for the keys ``update`` returns when the
+        cache already holds tokens: each row's cached real tokens, then causal attention among its new real
+        tokens. A padding query attends to itself only (its output is never used, and it must not be NaN)."""
+        plan = plan or self._require_plan("context_mask")
+        if plan.context_mask is None:
+            device = plan.real.device
+            q = plan.query_length
+            past_slots = self._past_blocks(plan) * self.block_size
+            past = torch.arange(past_slots, device=device) < plan.past_lens.unsqueeze(1)    # [B, P]
+            causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+            new = causal & plan.real.unsqueeze(1)                                          # [B, q, q]
+            new = new | torch.eye(q, dtype=torch.bool, device=device)
+            mask = torch.cat((past.unsqueeze(1).expand(-1, q, -1), new), dim=2)
+            plan.context_mask = mask.unsqueeze(1)
+        return plan.context_mask
+
+    def reset(self) -> None:
+        """Frees every row (the pools are kept)."""
+        self._plan = None
+        if self._allocator is not None:
+            self._allocator = BlockAllocator(self._allocator.num_blocks)
+        self._row_blocks = []
+        self._seq_lens = torch.zeros(0, dtype=torch.int32, device=self._seq_lens.device)
+        self._seen_tokens = 0
+        self._rebuild_block_table()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` tokens of every row (a negative count, as ``DynamicCache``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"PagedKVCache.crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self._rollback()
+        if tokens_to_remove == 0 or not self._row_blocks:
+            return
+        count = -tokens_to_remove
+        self._seen_tokens = max(self._seen_tokens - count, 0)
+        self._seq_lens = (self._seq_lens - count).clamp_(min=0)
+        for row, length in enumerate(self._seq_lens.tolist()):
+            keep = -(-length // self.block_size)
+            self._allocator.free(self._row_blocks[row][keep:])
+            del self._row_blocks[row][keep:]
+        self._rebuild_block_table()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._gather_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._gather_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._gather_rows(torch.arange(len(self._row_blocks)).repeat_interleave(repeats))
+
+    # ------------------------------------------------------------------ rows
+    def free_rows(self, rows: Sequence[int]) -> None:
+        """Returns the blocks of ``rows`` to the free list; those rows then hold no token, and the next tokens
+        written to them start a new sequence. The other rows are untouched."""
+        self._rollback()
+        lens = self._seq_lens.clone()
+        for row in rows:
+            if not 0 <= row < len(self._row_blocks):
+                raise IndexError(f"PagedKVCache.free_rows: row {row} is outside [0, {len(self._row_blocks)})")
+            self._allocator.free(self._row_blocks[row])
+            self._row_blocks[row] = []
+            lens[row] = 0
+        self._seq_lens = lens
+        self._rebuild_block_table()
+
+    def _gather_rows(self, index: torch.Tensor) -> None:
+        """New row i = old row index[i]. A row taken once keeps its blocks; a repeated one gets copies."""
+        self._rollback()
+        if not self._row_blocks:
+            return
+        index = [int(i) for i in torch.as_tensor(index).reshape(-1).tolist()]
+        old_rows = len(self._row_blocks)
+        if any(not 0 <= i < old_rows for i in index):
+            raise IndexError(f"PagedKVCache: row indices {index} must be in [0, {old_rows})")
+        owner, copies = {}, []
+        for new_row, old_row in enumerate(index):
+            if old_row in owner:
+                copies.append((new_row, old_row))
+            else:
+                owner[old_row] = new_row
+        dropped = [row for row in range(old_rows) if row not in owner]
+        need = sum(len(self._row_blocks[row]) for _, row in copies)
+        available = self._allocator.num_free + sum(len(self._row_blocks[row]) for row in dropped)
+        if need > available:
+            self._make_room(need - available, "copying repeated rows")
+        for row in dropped:
+            self._allocator.free(self._row_blocks[row])
+        new_blocks = [None] * len(index)
+        for old_row, new_row in owner.items():
+            new_blocks[new_row] = self._row_blocks[old_row]
+        sources, targets = [], []
+        for new_row, old_row in copies:
+            fresh = self._allocator.allocate(len(self._row_blocks[old_row]))
+            sources += self._row_blocks[old_row]
+            targets += fresh
+            new_blocks[new_row] = fresh
+        if targets:
+            device = self.layers[0].keys.device
+            src = torch.tensor(sources, dtype=torch.long, device=device)
+            dst = torch.tensor(targets, dtype=torch.long, device=device)
+            for layer in self.layers:
+                layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
+                layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+        self._row_blocks = new_blocks
+        self._seq_lens = self._seq_lens[torch.tensor(index, dtype=torch.long, device=self._seq_lens.device)]
+        self._rebuild_block_table()
+
+    # ------------------------------------------------------------------ one forward step
+    def begin_forward(self, batch_size: int, query_length: int, attention_mask: Optional[torch.Tensor] = None,
+                      position_ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
+                      device=None) -> StepPlan:
+        """Plans a forward step of ``query_length`` new tokens per row, for all layers.
+
+        attention_mask [optional]: the 2-D HF mask (batch, seen + query_length) (or (batch, query_length));
+            its last ``query_length`` columns say which new tokens are real. A 4-D mask is read on its
+            diagonal. None: all are real.
+        position_ids [optional]: (batch or 1, query_length), the new tokens' RoPE positions; default
+            ``get_seq_length() + arange(query_length)``, as HF does.
+        dtype, device: of the pools if they are not allocated yet (the constructor's take precedence).
+
+        Allocates the blocks the real new tokens need (all rows at once) or raises ``OutOfBlocksError`` with
+        nothing changed. The returned plan is also ``current_plan`` until ``end_forward``.
+        """
+        self._rollback()
+        device = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
+        if self._allocator is not None:
+            device = self.layers[0].keys.device
+        real = self._real_tokens(batch_size, query_length, attention_mask, device)
+        if position_ids is None:
+            positions = torch.arange(query_length, device=device) + self._seen_tokens
+            positions = positions.unsqueeze(0).expand(batch_size, -1)
+        else:
+            if position_ids.dim() != 2 or position_ids.shape[-1] != query_length:
+                raise ValueError(f"PagedKVCache: position_ids must have shape [batch, {query_length}], "
+                                 f"got {list(position_ids.shape)}")
+            positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1)
+
+        if self._seen_tokens == 0 and not any(self._row_blocks):    # empty: (re)shape the rows
+            self._row_blocks = [[] for _ in range(batch_size)]
+            self._seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        elif batch_size != len(self._row_blocks):
+            raise ValueError(f"PagedKVCache: this step has batch size {batch_size} but the cache holds "
+                             f"{len(self._row_blocks)} rows (use batch_select_indices / reset to change it)")
+
+        past = self._seq_lens.to(device=device, dtype=torch.long)
+        new_counts = real.sum(dim=1)
+        totals = past + new_counts
+        wanted = [-(-total // self.block_size) - len(blocks)
+                  for total, blocks in zip(totals.tolist(), self._row_blocks)]
+        need = sum(max(w, 0) for w in wanted)
+        if self._allocator is None:
+            self._allocate_pool(need + (batch_size if self.growable else 0), dtype, device)
+        if need > self._allocator.num_free:
+            self._make_room(need - self._allocator.num_free, f"a step of {query_length} token(s) per row "
+                            f"(rows now hold {past.tolist()} tokens, {new_counts.tolist()} new)")
+        new_blocks = []
+        for row, count in enumerate(wanted):
+            for block in self._allocator.allocate(max(count, 0)):
+                self._row_blocks[row].append(block)
+                new_blocks.append((row, block))
+        if new_blocks:
+            self._rebuild_block_table()
+
+        index = past.unsqueeze(1) + real.cumsum(dim=1) - 1                      # logical index per token
+        blocks = self._block_table.long().gather(1, (index.clamp(min=0) // self.block_size))
+        slots = torch.where(real, blocks * self.block_size + index % self.block_size, -1)
+        all_real = bool(real.all())
+        real_index = None if all_real else real.reshape(-1).nonzero().squeeze(1)
+        real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
+        self._plan = StepPlan(query_length=query_length, real=real, all_real=all_real, positions=positions,
+                              past_lens=past, seq_lens=totals.to(torch.int32), slots=slots,
+                              real_index=real_index, real_slots=real_slots, has_past=bool((past > 0).any()),
+                              new_blocks=new_blocks)
+        return self._plan
+
+    def end_forward(self) -> None:
+        """Commits the planned step: its tokens now count in ``seq_lens`` and ``get_seq_length()``."""
+        plan = self._require_plan("end_forward")
+        self._seq_lens = plan.seq_lens
+        self._seen_tokens += plan.query_length
+        self._plan = None
+
+    # ------------------------------------------------------------------ internals
+    def _require_plan(self, caller: str) -> StepPlan:
+        if self._plan is None:
+            raise RuntimeError(
+                f"PagedKVCache.{caller}: no forward step is in progress. A PagedKVCache is filled by a model "
+                "patched with torch_qwen_fused.hf.patch_model(model) (its hooks call begin_forward/end_forward); "
+                "a stock model cannot write to it.")
+        return self._plan
+
+    def _rollback(self) -> None:
+        """Undoes the allocations of a step that began but never committed (its forward raised)."""
+        plan, self._plan = self._plan, None
+        if plan is None or not plan.new_blocks:
+            return
+        for row, block in reversed(plan.new_blocks):
+            self._row_blocks[row].remove(block)
+            self._allocator.free([block])
+        self._rebuild_block_table()
+
+    def _real_tokens(self, batch_size, query_length, attention_mask, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch_size, query_length, dtype=torch.bool, device=device)
+        mask = attention_mask.to(device)
+        if mask.dim() == 2 and mask.shape[0] == batch_size and mask.shape[1] >= query_length:
+            return mask[:, -query_length:].bool()
+        if mask.dim() == 4 and mask.shape[0] == batch_size and mask.shape[2] == query_length:
+            offset = mask.shape[3] - query_length
+            diagonal = mask[:, 0].diagonal(offset=offset, dim1=-2, dim2=-1)
+            return diagonal if mask.dtype == torch.bool else diagonal == 0
+        raise ValueError(f"PagedKVCache: attention_mask must be [batch, seen + {query_length}] (2-D) or "
+                         f"[batch, 1, {query_length}, kv] (4-D), got {list(attention_mask.shape)}")
+
+    def _allocate_pool(self, initial_blocks: int, dtype, device) -> None:
+        dtype = self._dtype or dtype or torch.float32
+        device = self._device or device
+        if self._requested_blocks is not None:
+            num_blocks = self._requested_blocks
+        elif self._max_memory is not None:
+            num_blocks = int(self._max_memory // self.bytes_per_block(dtype))
+            if num_blocks < 1:
+                raise ValueError(f"PagedKVCache: max_memory={self._max_memory} bytes is less than one block "
+                                 f"({self.bytes_per_block(dtype)} bytes for all layers' K and V)")
+        else:
+            num_blocks = max(initial_blocks, 1)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        for layer in self.layers:
+            # Zeros, not empty: attention may read (masked) slots that were never written, and 0 * NaN is NaN.
+            layer.keys = torch.zeros(shape, dtype=dtype, device=device)
+            layer.values = torch.zeros(shape, dtype=dtype, device=device)
+            layer.is_initialized = True
+        self._dtype = dtype
+        self._allocator = BlockAllocator(num_blocks)
+        self._block_table = self._block_table.to(device)
+        self._seq_lens = self._seq_lens.to(device)
+
+    def _make_room(self, missing: int, what: str) -> None:
+        """Grows a growable pool by at least ``missing`` blocks, else raises ``OutOfBlocksError``."""
+        allocator = self._allocator
+        if not self.growable:
+            raise OutOfBlocksError(
+                f"PagedKVCache out of blocks: {what} needs {missing} more block(s) of {self.block_size} tokens "
+                f"than the {allocator.num_free} free of {allocator.num_blocks}. Nothing was written. Free rows "
+                "(free_rows / batch_select_indices) or build the cache with more num_blocks or max_memory.")
+        new_total = max(2 * allocator.num_blocks, allocator.num_blocks + missing)
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                grown = old.new_zeros((new_total,) + tuple(old.shape[1:]))
+                grown[: old.shape[0]] = old
+                setattr(layer, name, grown)
+        allocator.grow(new_total)
+
+    def _past_blocks(self, plan: StepPlan) -> int:
+        return -(-int(plan.past_lens.max()) // self.block_size) if plan.past_lens.numel() else 0
+
+    def _with_context(self, layer: PagedLayer, plan: StepPlan, new: torch.Tensor, values: bool = False):
+        """(B, Hkv, P + q, D): each row's cached real tokens (P = whole blocks, padded), then the new ones."""
+        pool = layer.values if values else layer.keys
+        blocks = self._past_blocks(plan)
+        table = self._block_table[:, :blocks].long()
+        past = pool[table]                                                      # [B, nb, bs, Hkv, D]
+        batch = past.shape[0]
+        past = past.reshape(batch, blocks * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return torch.cat((past.to(new.dtype), new), dim=2)
+
+    def _rebuild_block_table(self) -> None:
+        width = max([len(blocks) for blocks in self._row_blocks] + [1])
+        table = torch.zeros(len(self._row_blocks), width, dtype=torch.int32)
+        for row, blocks in enumerate(self._row_blocks):
+            if blocks:
+                table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self._block_table = table.to(self._block_table.device)
