@@ -104,6 +104,26 @@ def test_peaked_softmax_stays_finite(fresh_env):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_garbage_past_the_context_is_never_read(fresh_env, backend):
+    # Slots a row has not reached yet may hold NaN (a cache from torch.empty): they must not leak in.
+    case = make_case([5, 20, 1], 8, 2, 64, 16, torch.float32)
+    clean_case, clean_out = run_backend(case, backend)
+    for row, seq_len in enumerate(case.seq_lens.tolist()):
+        blocks = case.block_table[row, : -(-seq_len // 16)].long()
+        for cache in (case.k_cache, case.v_cache):
+            flat = cache.flatten(0, 1)
+            row_slots = (blocks[:, None] * 16 + torch.arange(16)).flatten()
+            flat[row_slots[seq_len:]] = float("nan")
+    unused = torch.ones(case.k_cache.shape[0], dtype=torch.bool)
+    unused[case.block_table[case.block_table >= 0].long()] = False
+    case.k_cache[unused] = float("nan")
+    case.v_cache[unused] = float("nan")
+    _, out = run_backend(case, backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean_out, atol=0, rtol=0)
+
+
 def test_seq_len_one_attends_only_to_itself(fresh_env):
     # With one token, softmax weight 1 goes to the new v: the output is v repeated over the group.
     case = make_case([1, 1], 10, 2, 64, 4, torch.float32)
