@@ -75,7 +75,7 @@ def parse_args(argv=None):
     return args
 
 
-def random_model(model_class, config, seed: int):
+def random_model(model_class, config, seed: int, dtype: torch.dtype = torch.float32):
     """The model with seeded random weights, built without HF's slow two-pass init: on the meta device, then
     filled once. Linear and embedding weights are uniform with HF's std (``initializer_range``), norm weights 1."""
     with torch.device("meta"):
@@ -90,8 +90,11 @@ def random_model(model_class, config, seed: int):
                 param.fill_(1.0)
             else:
                 param.uniform_(-bound, bound, generator=generator)
+    model = model.to(dtype)
+    # Its inv_freq buffer is computed, not a parameter, and stays fp32 as in a checkpoint loaded with
+    # dtype=bf16 (model.to(dtype) would round it).
     rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config)   # its inv_freq buffer is computed, not a parameter
+    model.model.rotary_emb = type(rotary)(config)
     return model
 
 
@@ -113,7 +116,7 @@ def build_model(args):
     if cuts:
         log(f"       cut for the demo's time budget: {', '.join(cuts)}")
     start = time.perf_counter()
-    model = random_model(Qwen3ForCausalLM, config, args.seed).to(getattr(torch, args.dtype)).eval()
+    model = random_model(Qwen3ForCausalLM, config, args.seed, getattr(torch, args.dtype)).eval()
     model.generation_config.eos_token_id = None    # random weights: generate exactly --new-tokens tokens
     model.generation_config.pad_token_id = 0
     params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,179 @@
+"""End-to-end HF Qwen3 decode: stock (SDPA + DynamicCache) vs patched (fa_fused + PagedKVCache), tokens/s.
+
+    python benchmarks/bench_decode.py                          # 0.6B shape and a 14B-shaped stack, L 512/2048/8192
+    python benchmarks/bench_decode.py --presets 0.6b -L 512 --steps 4 --reps 1   # smoke run
+
+For each model shape and context length L, the same seeded random-weight model (bf16) prefills one random
+prompt of L tokens once, with stock HF. Its DynamicCache is copied into a PagedKVCache (one vectorized write
+per layer), so both runs decode from the same context; each rep then times ``--steps`` greedy decode steps
+of the stock model and of the patched one, side by side (the order alternates), and crops both caches back
+to L tokens. Reported: decode tokens/s (batch x steps / time), median over reps, and patched / stock.
+The first patched step's logits are checked against stock's before timing.
+
+Output: benchmarks/results/bench_decode.json and .png (tokens/s vs context, one line per method).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import plot  # noqa: E402
+
+from torch_qwen_fused import demo, hf  # noqa: E402
+
+# A few layers of the 14B shape: its attention (40/8/128) at a cost this machine can prefill.
+PRESET_LAYERS = {"0.6b": None, "14b": 2}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--presets", type=common.name_list(sorted(demo.PRESETS)), default=["0.6b", "14b"])
+    parser.add_argument("-L", "--contexts", type=common.int_list, default=[512, 2048, 8192])
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers for every preset (default: all 28 for 0.6b, 2 for 14b)")
+    parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size (default 32768; Qwen3: 151936)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per timed rep (default 8)")
+    parser.add_argument("--reps", type=int, default=3, help="timed reps per method (default 3)")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", type=Path, default=common.RESULTS_DIR / "bench_decode.json")
+    parser.add_argument("--no-plot", action="store_true")
+    return parser.parse_args(argv)
+
+
+def build_model(preset: str, args):
+    layers = args.layers or PRESET_LAYERS[preset]
+    model_args = argparse.Namespace(preset=preset, layers=layers, vocab=args.vocab, dtype=args.dtype, seed=args.seed)
+    return demo.build_model(model_args)
+
+
+def paged_copy(handle, dense_cache, batch: int, context: int, capacity: int):
+    """A PagedKVCache holding exactly what ``dense_cache`` (a prefilled DynamicCache) holds."""
+    paged = handle.new_cache(batch_size=batch, max_length=capacity)
+    first = dense_cache.layers[0].keys
+    paged.begin_forward(batch, context, dtype=first.dtype, device=first.device)
+    for index, layer in enumerate(dense_cache.layers):
+        paged.update(layer.keys, layer.values, index)
+    paged.end_forward()
+    return paged
+
+
+def decode(model, cache, token, steps: int):
+    """``steps`` greedy decode steps from ``token`` [B, 1]; returns the generated ids and the first logits."""
+    generated, first_logits = [], None
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            if first_logits is None:
+                first_logits = logits.float()
+            token = logits.argmax(dim=-1, keepdim=True)
+            generated.append(token)
+    return torch.cat(generated, dim=1), first_logits
+
+
+def bench_context(model, preset, context, args, progress):
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(args.seed + context)
+    prompt = torch.randint(1, model.config.vocab_size, (args.batch, context), generator=generator)
+    progress(f"{preset} L={context}: stock prefill")
+    stock_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=prompt, cache=stock_cache, use_cache=True).logits[:, -1]
+    first = logits.argmax(-1, keepdim=True)
+    with hf.patch_model(model, block_size=args.block_size) as handle:
+        paged_cache = paged_copy(handle, stock_cache, args.batch, context, context + args.steps + 1)
+
+    def run(method):
+        """Decodes --steps tokens with the stock model or the patched one; restores the cache to L tokens."""
+        start = time.perf_counter()
+        if method == "stock":
+            tokens, logits = decode(model, stock_cache, first, args.steps)
+            elapsed, calls = time.perf_counter() - start, 0
+            stock_cache.crop(-args.steps)
+        else:
+            with hf.patch_model(model, block_size=args.block_size) as handle:
+                tokens, logits = decode(model, paged_cache, first, args.steps)
+                elapsed, calls = time.perf_counter() - start, handle.fused_calls
+            paged_cache.crop(-args.steps)
+        return elapsed, tokens, logits, calls
+
+    _, stock_tokens, stock_logits, _ = run("stock")
+    _, patched_tokens, patched_logits, fused = run("patched")
+    expected_calls = args.steps * model.config.num_hidden_layers
+    if fused != expected_calls:
+        raise RuntimeError(f"{preset} L={context}: {fused} fused calls, expected {expected_calls}")
+    logit_diff = (stock_logits - patched_logits).abs().max().item()
+    scale = stock_logits.abs().max().item()
+    if logit_diff > 0.05 * scale:
+        raise RuntimeError(f"{preset} L={context}: patched logits differ from stock by {logit_diff} "
+                           f"(max |logit| {scale})")
+    agreement = (stock_tokens == patched_tokens).float().mean().item()
+
+    times = {"stock": [], "patched": []}
+    for rep in range(args.reps):
+        order = ("stock", "patched") if rep % 2 == 0 else ("patched", "stock")
+        for method in order:
+            progress(f"{preset} L={context}: rep {rep + 1}/{args.reps} {method}")
+            times[method].append(run(method)[0])
+    results = []
+    for method, samples in times.items():
+        tokens_per_s = [args.batch * args.steps / t for t in samples]
+        results.append({"preset": preset, "L": context, "batch": args.batch, "method": method,
+                        "tokens_per_s": statistics.median(tokens_per_s), "min_tokens_per_s": min(tokens_per_s),
+                        "max_tokens_per_s": max(tokens_per_s), "step_times_s": [t / args.steps for t in samples],
+                        "first_step_max_logit_diff": logit_diff, "token_agreement": agreement,
+                        "fused_calls_per_step": fused // args.steps})
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    payload = {"benchmark": "bench_decode", "environment": common.environment(), "args": vars(args) | {
+        "output": str(args.output)}, "results": [], "complete": False}
+    payload["plot"] = {"x": "L", "y": "tokens_per_s", "low": "min_tokens_per_s", "high": "max_tokens_per_s",
+                       "series": "method", "cols": ["preset"], "ylabel": "decode tokens/s", "time_unit": ["", 1],
+                       "xlabel": "context length L (tokens)",
+                       "title": f"HF Qwen3 decode, {args.dtype}, batch {args.batch}: stock vs fa_fused patch"}
+    started = time.perf_counter()
+
+    def progress(message):
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    for preset in args.presets:
+        model = build_model(preset, args)
+        for context in args.contexts:
+            payload["results"] += bench_context(model, preset, context, args, progress)
+            common.write_json(args.output, payload)
+        del model
+    payload["complete"] = True
+    common.write_json(args.output, payload)
+
+    rows = []
+    for preset in args.presets:
+        for context in args.contexts:
+            by = {r["method"]: r for r in payload["results"] if r["preset"] == preset and r["L"] == context}
+            rows.append({"preset": preset, "L": context, "stock tok/s": f"{by['stock']['tokens_per_s']:.2f}",
+                         "patched tok/s": f"{by['patched']['tokens_per_s']:.2f}",
+                         "patched/stock": f"{by['patched']['tokens_per_s'] / by['stock']['tokens_per_s']:.2f}",
+                         "agreement": f"{by['patched']['token_agreement']:.2f}",
+                         "logit diff": f"{by['patched']['first_step_max_logit_diff']:.3g}"})
+    print(f"results: {args.output}")
+    if not args.no_plot:
+        print(f"plot:    {plot.plot_file(args.output)}")
+    print(common.format_table(rows, list(rows[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
