@@ -23,10 +23,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kPrefetchTilesAhead = 2;
 constexpr int64_t kCacheLine = 64;
 
+// The helpers below are small and called per token: inlined, they see head_dim as a constant when
+// the caller has one (attend_item is instantiated for the common head dims) and unroll over it.
+#define QWEN_INLINE inline __attribute__((always_inline))
+
 // scores[g * kTokenTile + j] = q_g . k_j for NG consecutive query heads and TOKENS consecutive
 // tokens: each q slice loaded serves every token, each k slice every head.
 template <class V, class T, int NG, int TOKENS>
-inline void score_heads(const float* q, int64_t head_dim, const T* const* k_rows, float* scores) {
+QWEN_INLINE void score_heads(const float* q, int64_t head_dim, const T* const* k_rows, float* scores) {
   typename V::reg acc[TOKENS][NG];
   for (int t = 0; t < TOKENS; ++t)
     for (int g = 0; g < NG; ++g) acc[t][g] = V::zero();
@@ -47,12 +51,13 @@ inline void score_heads(const float* q, int64_t head_dim, const T* const* k_rows
 // acc_g = alpha_g * acc_g + sum_j probs[g, j] * v_j for NG heads. SLICES vector-wide slices of
 // head_dim stay in registers across the tile, so each broadcast probability serves all of them.
 template <class V, class T, int NG, int SLICES>
-inline void accumulate_slices(float* acc, int64_t head_dim, int64_t d, const float* alpha, const float* probs,
+QWEN_INLINE void accumulate_slices(float* acc, int64_t head_dim, int64_t d, const float* alpha, const float* probs,
                               const T* const* v_rows, int64_t num_tokens) {
   typename V::reg out[SLICES][NG];
   for (int s = 0; s < SLICES; ++s)
     for (int g = 0; g < NG; ++g)
       out[s][g] = V::mul(V::load(acc + g * head_dim + d + s * V::kWidth), V::set1(alpha[g]));
+#pragma GCC unroll 2
   for (int64_t j = 0; j < num_tokens; ++j) {
     typename V::reg v[SLICES];
     for (int s = 0; s < SLICES; ++s) v[s] = V::load(v_rows[j] + d + s * V::kWidth);
@@ -66,7 +71,7 @@ inline void accumulate_slices(float* acc, int64_t head_dim, int64_t d, const flo
 }
 
 template <class V, class T, int NG>
-inline void accumulate_values(float* acc, int64_t head_dim, const float* alpha, const float* probs,
+QWEN_INLINE void accumulate_values(float* acc, int64_t head_dim, const float* alpha, const float* probs,
                               const T* const* v_rows, int64_t num_tokens) {
   int64_t d = 0;
   for (; d + 2 * V::kWidth <= head_dim; d += 2 * V::kWidth)
@@ -117,14 +122,14 @@ inline void for_head_slices(int64_t group, Body&& body) {
 // max over the tile, then p = exp(s - m') in place; returns sum(p). Scores past the valid
 // tokens are -inf and contribute 0.
 template <class V>
-inline float max_of_tile(const float* scores) {
+QWEN_INLINE float max_of_tile(const float* scores) {
   auto m = V::load(scores);
   for (int64_t j = V::kWidth; j < kTokenTile; j += V::kWidth) m = V::max(m, V::load(scores + j));
   return V::reduce_max(m);
 }
 
 template <class V>
-inline float exp_and_sum(float* scores, float row_max) {
+QWEN_INLINE float exp_and_sum(float* scores, float row_max) {
   const auto shift = V::set1(row_max);
   auto sum = V::zero();
   for (int64_t j = 0; j < kTokenTile; j += V::kWidth) {
@@ -135,10 +140,11 @@ inline float exp_and_sum(float* scores, float row_max) {
   return V::reduce_add(sum);
 }
 
-template <class V, class T>
+// kHeadDim: head_dim known at compile time, or 0 to read it from p.
+template <class V, class T, int kHeadDim>
 void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const int64_t group = p.group();
-  const int64_t head_dim = p.head_dim;
+  const int64_t head_dim = kHeadDim ? kHeadDim : p.head_dim;
   const int64_t chunk = item % p.num_chunks;
   const int64_t kv_head = (item / p.num_chunks) % p.num_kv_heads;
   const int64_t row = item / (p.num_chunks * p.num_kv_heads);
@@ -217,14 +223,23 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   }
 }
 
+template <class V, class T>
+void attend_items_of(const AttentionProblem& p, int64_t begin, int64_t end, float* scratch) {
+  for (int64_t item = begin; item < end; ++item) {
+    switch (p.head_dim) {
+      case 128: attend_item<V, T, 128>(p, item, scratch); break;
+      case 64: attend_item<V, T, 64>(p, item, scratch); break;
+      default: attend_item<V, T, 0>(p, item, scratch); break;
+    }
+  }
+}
+
 template <class V>
 void attend_items(const AttentionProblem& p, int64_t begin, int64_t end, float* scratch) {
-  for (int64_t item = begin; item < end; ++item) {
-    switch (p.cache_dtype) {
-      case CacheDtype::kFloat: attend_item<V, float>(p, item, scratch); break;
-      case CacheDtype::kBFloat16: attend_item<V, BFloat16Bits>(p, item, scratch); break;
-      case CacheDtype::kHalf: attend_item<V, HalfBits>(p, item, scratch); break;
-    }
+  switch (p.cache_dtype) {
+    case CacheDtype::kFloat: attend_items_of<V, float>(p, begin, end, scratch); break;
+    case CacheDtype::kBFloat16: attend_items_of<V, BFloat16Bits>(p, begin, end, scratch); break;
+    case CacheDtype::kHalf: attend_items_of<V, HalfBits>(p, begin, end, scratch); break;
   }
 }
 
