@@ -20,7 +20,7 @@ namespace qwen_fused {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kPrefetchTilesAhead = 2;
+constexpr int64_t kPrefetchTilesAhead = 1;
 constexpr int64_t kCacheLine = 64;
 
 // The helpers below are small and called per token: inlined, they see head_dim as a constant when
@@ -140,23 +140,27 @@ QWEN_INLINE float exp_and_sum(float* scores, float row_max) {
   return V::reduce_add(sum);
 }
 
+// One work item: the tokens of KV chunk `chunk` of one row, for every kv head in turn. Walking the
+// chunk token by token reads each token's K and V rows (all kv heads, contiguous in the NHD layout)
+// as one stream, which the prefetch below keeps ahead of the arithmetic.
 // kHeadDim: head_dim known at compile time, or 0 to read it from p.
 template <class V, class T, int kHeadDim>
 void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const int64_t group = p.group();
   const int64_t head_dim = kHeadDim ? kHeadDim : p.head_dim;
+  const int64_t num_kv_heads = p.num_kv_heads;
   const int64_t chunk = item % p.num_chunks;
-  const int64_t kv_head = (item / p.num_chunks) % p.num_kv_heads;
-  const int64_t row = item / (p.num_chunks * p.num_kv_heads);
-
-  float* running_max = p.partial_max + item * group;
-  float* running_sum = p.partial_sum + item * group;
-  float* acc = p.partial_out + item * group * head_dim;
-  for (int64_t g = 0; g < group; ++g) {
-    running_max[g] = kNegInf;
-    running_sum[g] = 0.f;
+  const int64_t row = item / p.num_chunks;
+  // Partial results of (row, kv head, chunk), laid out for the merge pass.
+  auto partial = [&](int64_t kv_head) { return ((row * num_kv_heads + kv_head) * p.num_chunks + chunk) * group; };
+  for (int64_t h = 0; h < num_kv_heads; ++h) {
+    for (int64_t g = 0; g < group; ++g) {
+      p.partial_max[partial(h) + g] = kNegInf;
+      p.partial_sum[partial(h) + g] = 0.f;
+    }
+    float* acc = p.partial_out + partial(h) * head_dim;
+    for (int64_t i = 0; i < group * head_dim; ++i) acc[i] = 0.f;
   }
-  for (int64_t i = 0; i < group * head_dim; ++i) acc[i] = 0.f;
 
   const int64_t seq_len = p.seq_lens[row];
   const int64_t begin = chunk * p.chunk_len;
@@ -166,60 +170,66 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const int32_t* blocks = p.block_table + row * p.max_blocks;
-  const int64_t token_stride = p.num_kv_heads * head_dim;
-  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
-  TokenCursor cursor(blocks, p.block_size, token_stride, kv_head * head_dim, begin);
+  const int64_t token_stride = num_kv_heads * head_dim;
+  const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(T));
+  TokenCursor cursor(blocks, p.block_size, token_stride, 0, begin);
   const int64_t prefetch_begin = begin + kPrefetchTilesAhead * kTokenTile;
-  TokenCursor prefetch_cursor(blocks, p.block_size, token_stride, kv_head * head_dim,
-                              prefetch_begin < end ? prefetch_begin : begin);
+  TokenCursor prefetch_cursor(blocks, p.block_size, token_stride, 0, prefetch_begin < end ? prefetch_begin : begin);
 
-  const float* q = p.q + (row * p.num_heads + kv_head * group) * head_dim;
   float* scores = scratch;  // [group, kTokenTile]
   float* alpha = scratch + group * kTokenTile;  // [group]
+  int64_t token_offsets[kTokenTile];
   const T* k_rows[kTokenTile];
   const T* v_rows[kTokenTile];
 
   for (int64_t tile = begin; tile < end; tile += kTokenTile) {
     const int64_t num_tokens = end - tile < kTokenTile ? end - tile : kTokenTile;
-    for (int64_t j = 0; j < num_tokens; ++j) {
-      const int64_t offset = cursor.next();
-      k_rows[j] = k_cache + offset;
-      v_rows[j] = v_cache + offset;
-    }
-    // Pages are scattered, so the hardware prefetcher cannot follow a row's blocks: ask for the
-    // K/V rows a few tiles ahead ourselves.
+    for (int64_t j = 0; j < num_tokens; ++j) token_offsets[j] = cursor.next();
+    // Blocks are scattered, so the hardware prefetcher loses the stream at every block boundary:
+    // ask for the next tile's K and V rows into L2 ourselves.
     const int64_t ahead = tile + kPrefetchTilesAhead * kTokenTile;
     const int64_t ahead_end = ahead + kTokenTile < end ? ahead + kTokenTile : end;
     for (int64_t token = ahead; token < ahead_end; ++token) {
       const int64_t offset = prefetch_cursor.next();
       const char* k_line = reinterpret_cast<const char*>(k_cache + offset);
       const char* v_line = reinterpret_cast<const char*>(v_cache + offset);
-      for (int64_t byte = 0; byte < row_bytes; byte += kCacheLine) {
-        __builtin_prefetch(k_line + byte);
-        __builtin_prefetch(v_line + byte);
+      for (int64_t byte = 0; byte < token_bytes; byte += kCacheLine) {
+        __builtin_prefetch(k_line + byte, 0, 2);
+        __builtin_prefetch(v_line + byte, 0, 2);
       }
     }
 
-    for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
-      int64_t j = 0;
-      for (; j + 2 <= num_tokens; j += 2)
-        score_heads<V, T, NG, 2>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
-      if (j < num_tokens)
-        score_heads<V, T, NG, 1>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
-    });
-    for (int64_t g = 0; g < group; ++g) {
-      float* tile_scores = scores + g * kTokenTile;
-      for (int64_t j = num_tokens; j < kTokenTile; ++j) tile_scores[j] = kNegInf;
-      const float tile_max = max_of_tile<V>(tile_scores);
-      const float new_max = tile_max > running_max[g] ? tile_max : running_max[g];
-      alpha[g] = running_max[g] == kNegInf ? 0.f : std::exp(running_max[g] - new_max);
-      running_max[g] = new_max;
-      running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, new_max);
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+      for (int64_t j = 0; j < num_tokens; ++j) {
+        k_rows[j] = k_cache + token_offsets[j] + kv_head * head_dim;
+        v_rows[j] = v_cache + token_offsets[j] + kv_head * head_dim;
+      }
+      const float* q = p.q + (row * p.num_heads + kv_head * group) * head_dim;
+      float* running_max = p.partial_max + partial(kv_head);
+      float* running_sum = p.partial_sum + partial(kv_head);
+      float* acc = p.partial_out + partial(kv_head) * head_dim;
+
+      for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
+        int64_t j = 0;
+        for (; j + 2 <= num_tokens; j += 2)
+          score_heads<V, T, NG, 2>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
+        if (j < num_tokens)
+          score_heads<V, T, NG, 1>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
+      });
+      for (int64_t g = 0; g < group; ++g) {
+        float* tile_scores = scores + g * kTokenTile;
+        for (int64_t j = num_tokens; j < kTokenTile; ++j) tile_scores[j] = kNegInf;
+        const float tile_max = max_of_tile<V>(tile_scores);
+        const float new_max = tile_max > running_max[g] ? tile_max : running_max[g];
+        alpha[g] = running_max[g] == kNegInf ? 0.f : std::exp(running_max[g] - new_max);
+        running_max[g] = new_max;
+        running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, new_max);
+      }
+      for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
+        accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile,
+                                    v_rows, num_tokens);
+      });
     }
-    for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
-      accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile,
-                                  v_rows, num_tokens);
-    });
   }
 }
 

@@ -19,7 +19,8 @@ enum class CacheDtype { kFloat, kBFloat16, kHalf };
 // Tokens scored and accumulated together; a multiple of every vector width used.
 constexpr int64_t kTokenTile = 32;
 
-// One call's attention, split into work items over a flat (row, kv head, KV chunk) index.
+// One call's attention, split into work items over a flat (row, KV chunk) index; each item runs
+// every kv head of its row over its chunk and leaves one partial result per (row, kv head, chunk).
 struct AttentionProblem {
   const float* q;  // [batch, num_heads, head_dim], normed, roped and multiplied by the scale
   const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
@@ -29,13 +30,14 @@ struct AttentionProblem {
   const int32_t* seq_lens;  // [batch]
   int64_t batch, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   int64_t chunk_len, num_chunks;  // KV split: chunk c of a row covers tokens [c * chunk_len, (c + 1) * chunk_len)
-  // Per work item and query head of its group: running max, running sum, unnormalised output.
-  float* partial_max;  // [items, group]
-  float* partial_sum;  // [items, group]
-  float* partial_out;  // [items, group, head_dim]
+  // Per (row, kv head, chunk) and query head of the group: running max, running sum, unnormalised output.
+  float* partial_max;  // [batch, num_kv_heads, num_chunks, group]
+  float* partial_sum;  // [batch, num_kv_heads, num_chunks, group]
+  float* partial_out;  // [batch, num_kv_heads, num_chunks, group, head_dim]
 
   int64_t group() const { return num_heads / num_kv_heads; }
-  int64_t num_items() const { return batch * num_kv_heads * num_chunks; }
+  int64_t num_items() const { return batch * num_chunks; }
+  int64_t num_partials() const { return batch * num_kv_heads * num_chunks; }
   // fp32 scratch one thread needs: scores and rescale factors of one token tile.
   int64_t scratch_floats() const { return group() * (kTokenTile + 1); }
 };

@@ -222,16 +222,15 @@ AttendFn select_attention_kernel() {
 }
 
 // Tokens per KV chunk: TORCH_QWEN_FUSED_KV_CHUNK if set (> 0), else enough chunks for every thread
-// to get kItemsPerThread work items, each at least kMinChunkTokens long.
-int64_t choose_chunk_len(int64_t batch, int64_t num_kv_heads, int64_t max_len) {
+// to get kItemsPerThread (row, chunk) work items, each at least kMinChunkTokens long.
+int64_t choose_chunk_len(int64_t batch, int64_t max_len) {
   if (const char* forced = std::getenv("TORCH_QWEN_FUSED_KV_CHUNK")) {
     const int64_t tokens = std::atoll(forced);
     TORCH_CHECK(tokens > 0, "fa_fused: TORCH_QWEN_FUSED_KV_CHUNK must be a positive token count, got '", forced, "'");
     return tokens;
   }
   const int64_t target_items = kItemsPerThread * at::get_num_threads();
-  const int64_t rows = batch * num_kv_heads;
-  const int64_t wanted_chunks = (target_items + rows - 1) / rows;
+  const int64_t wanted_chunks = (target_items + batch - 1) / batch;
   const int64_t max_chunks = std::max<int64_t>(1, (max_len + kMinChunkTokens - 1) / kMinChunkTokens);
   const int64_t chunks = std::min(wanted_chunks, max_chunks);
   const int64_t chunk_len = (max_len + chunks - 1) / chunks;
@@ -347,16 +346,16 @@ void merge_chunks(const AttentionProblem& p, at::Tensor& out) {
       const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
       const int64_t kv_head = h / group, g = h % group;
       const int64_t chunks = (p.seq_lens[b] + p.chunk_len - 1) / p.chunk_len;
-      const int64_t first_item = (b * p.num_kv_heads + kv_head) * p.num_chunks;
+      const int64_t first_partial = (b * p.num_kv_heads + kv_head) * p.num_chunks;
       float global_max = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) global_max = std::max(global_max, p.partial_max[(first_item + c) * group + g]);
+      for (int64_t c = 0; c < chunks; ++c) global_max = std::max(global_max, p.partial_max[(first_partial + c) * group + g]);
       float denominator = 0.f;
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t item = first_item + c;
-        const float weight = std::exp(p.partial_max[item * group + g] - global_max);
-        denominator += weight * p.partial_sum[item * group + g];
-        const float* acc = p.partial_out + (item * group + g) * head_dim;
+        const int64_t partial = first_partial + c;
+        const float weight = std::exp(p.partial_max[partial * group + g] - global_max);
+        denominator += weight * p.partial_sum[partial * group + g];
+        const float* acc = p.partial_out + (partial * group + g) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * acc[i];
       }
       for (int64_t i = 0; i < head_dim; ++i) dst[bh * head_dim + i] = static_cast<scalar_t>(merged[i] / denominator);
@@ -390,21 +389,22 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   problem.head_dim = head_dim;
   problem.block_size = block_size;
   problem.max_blocks = table.size(1);
-  problem.chunk_len = choose_chunk_len(batch, num_kv_heads, plan.max_len);
+  problem.chunk_len = choose_chunk_len(batch, plan.max_len);
   problem.num_chunks = (plan.max_len + problem.chunk_len - 1) / problem.chunk_len;
   const int64_t group = problem.group();
   const int64_t items = problem.num_items();
+  const int64_t partials = problem.num_partials() * group;
   const int64_t threads = at::get_num_threads();
 
   // One fp32 buffer for the prepared q, the chunks' partial results and the threads' scratch.
   const int64_t q_floats = batch * num_heads * head_dim;
-  at::Tensor workspace = at::empty({q_floats + items * group * (head_dim + 2) + threads * problem.scratch_floats()},
+  at::Tensor workspace = at::empty({q_floats + partials * (head_dim + 2) + threads * problem.scratch_floats()},
                                    q.options().dtype(at::kFloat));
   float* q_prepared = workspace.data_ptr<float>();
   problem.partial_out = q_prepared + q_floats;
-  problem.partial_max = problem.partial_out + items * group * head_dim;
-  problem.partial_sum = problem.partial_max + items * group;
-  float* thread_scratch = problem.partial_sum + items * group;
+  problem.partial_max = problem.partial_out + partials * head_dim;
+  problem.partial_sum = problem.partial_max + partials;
+  float* thread_scratch = problem.partial_sum + partials;
 
   const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
   const RopeInputs rope = gather_rope_inputs(q_norm_weight.contiguous(), k_norm_weight.contiguous(), cos.contiguous(),
