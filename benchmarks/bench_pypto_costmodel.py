@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pypto_costmodel.py                  # Qwen3-14B: B=16, ctx 4096, block 128, bf16
     python benchmarks/bench_pypto_costmodel.py -B 2 --ctx 512   # a quick one
-    python benchmarks/bench_pypto_costmodel.py --kv-blocks-per-task 2 --tag kvb2
+    python benchmarks/bench_pypto_costmodel.py --kv-blocks-per-task 8 --tag kvb8
 
 THIS IS A COST-MODEL ESTIMATE, NOT A MEASUREMENT. Without an NPU, pypto 0.2.0's SIM run mode
 compiles the kernel exactly as for the NPU (same passes, same task graph, same tiles) and then runs
@@ -39,7 +39,7 @@ import common  # noqa: E402
 import torch_qwen_fused  # noqa: E402
 from torch_qwen_fused import pypto_compat  # noqa: E402
 from torch_qwen_fused.pypto_backend import kernel_config, prepare  # noqa: E402
-from torch_qwen_fused.pypto_kernel import KernelTiles, build_kernel  # noqa: E402
+from torch_qwen_fused.pypto_kernel import RUNTIME_OPTIONS, KernelTiles, build_kernel  # noqa: E402
 
 UPSTREAM_PYPTO_US = 1263.0
 CANN_US = 548.0
@@ -156,6 +156,7 @@ def main():
         "shape": {"batch": args.batch, "ctx": args.ctx, "num_heads": args.heads, "num_kv_heads": args.kv_heads,
                   "head_dim": args.head_dim, "block_size": args.block_size, "dtype": args.dtype},
         "tiles": vars(tiles) if hasattr(tiles, "__dict__") else str(tiles),
+        "runtime_options": dict(RUNTIME_OPTIONS),
         "estimate_us": estimate_us,
         "end_to_end_cycles": estimate_us * CYCLES_PER_US,
         "cycles_per_us": CYCLES_PER_US,

@@ -107,6 +107,11 @@ FULL_CASES = [
     ("bf16-gqa5-d128-block128",
      dict(batch=2, num_heads=10, num_kv_heads=2, head_dim=128, block_size=128, seq_lens=(129, 5),
           dtype=torch.bfloat16), dict(eps=1e-5)),
+    # several phase-1 tasks per row with the default tiles (16 blocks a task, task loop unrolled by 2):
+    # 38 blocks = an unrolled pair + a remainder task, 17 blocks = one pair, 1 block
+    ("bf16-gqa2-block8-multitask",
+     dict(batch=3, num_heads=4, num_kv_heads=2, head_dim=64, block_size=8, seq_lens=(300, 129, 3),
+          dtype=torch.bfloat16), {}),
 ]
 
 

@@ -26,12 +26,24 @@ upstream kernel and the NPU's cube unit work; for an fp32 cache everything is fp
 Tile shapes (``KernelTiles``), chosen for Qwen3-14B (Hq 40, Hkv 8, D 128, block 128, G 5):
 - vector tiles of phase 0 cover a whole row of heads at once ([Hq or Hkv, D] = [40, 128] fp32
   is 20 KiB, well inside a 192 KiB UB), so each row's norm+RoPE is one tile per op;
-- phase 1 scores are [G, block] = [5, 128]: one vector tile of [16, block] (G padded to the
-  16-row fractal), so a block's softmax is one task; the cube tiles are M 16 (G padded),
-  K = D = 128 and N = block = 128 for q K^T, and M 16, K = block, N = D for p V: one L0 tile each;
+- phase 1 scores of a task are [G, kv_blocks_per_task * block] = [5, 16 * 128]; the softmax works
+  on [16, 512] fp32 vector tiles (``score_cols``; G padded to the 16-row fractal; 32 KiB, so an op's
+  input and output fit the UB with room for double buffering); the cube tiles are M 16 (G padded),
+  K = D = 128 and N = 128 for q K^T, and M 16, K = 128, N = D for p V;
 - phase 2 works on [G, D] = [5, 128] fp32 tiles.
-``kv_blocks_per_task`` groups that many cache blocks into one phase-1 task (fewer, larger tasks);
-see benchmarks/bench_pypto_costmodel.py for the cost-model numbers behind the defaults.
+``kv_blocks_per_task`` groups that many cache blocks into one phase-1 task (fewer, larger tasks) and
+``task_unroll`` is the ``unroll_list`` of the task loop (pypto then emits one root function for 2
+tasks). ``RUNTIME_OPTIONS`` enlarges pypto's stitch memory pools so that many loop iterations are in
+flight at once. ``vec_merge`` / ``cube_merge`` (pass options ``vec_nbuffer_setting`` /
+``cube_nbuffer_setting``) merge 16 identical leaf subgraphs into one task: the cost model shows the
+schedulers dispatching one task every ~200-250 cycles, so with ~3.7k-cycle block copies only ~15 of
+48 vector cores were ever busy; fewer, larger tasks lift that cap.
+Cost-model estimates (pypto 0.2.0 SIM, Qwen3-14B B=16 ctx 4096 bf16; not measurements):
+4 blocks/task, pypto's default pools: 4644 us; + pools 1024: ~2x faster at small shapes; 16 blocks/task,
+512-column softmax tiles: 2252 us; + unroll (2, 1): 2079 us (32 blocks/task: 2072 us); + merges
+vec 8 / cube 8: 1621 us; vec 16 / cube 8: 1235 us; vec 16 / cube 16: 1222 us (the default; vec 24: 1220,
+vec 32 or 64: 2062, cube 32: 1251; without the unroll: 1314; 32 blocks/task: 1326).
+See benchmarks/bench_pypto_costmodel.py and benchmarks/results/bench_pypto_costmodel.json.
 """
 
 import dataclasses
@@ -52,7 +64,11 @@ class KernelTiles:
     cube_m: int = 16             # cube tile M (G padded to the fractal)
     cube_k: int = 128            # cube tile K
     cube_n: int = 128            # cube tile N
-    kv_blocks_per_task: int = 4  # cache blocks per phase-1 task (cost model: 4644 us vs 28301 us with 1)
+    kv_blocks_per_task: int = 16  # cache blocks per phase-1 task (see benchmarks/bench_pypto_costmodel.py)
+    task_unroll: tuple = (2, 1)  # unroll_list of the phase-1 task loop (cost model: 506 vs 549 us at B=4 ctx 4096)
+    score_cols: int = 512         # vector tile columns of the phase-1 softmax (0: all of a task's blocks)
+    vec_merge: int = 16           # pass option vec_nbuffer_setting: identical AIV subgraphs merged per task
+    cube_merge: int = 16          # pass option cube_nbuffer_setting: identical AIC subgraphs merged per task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +85,12 @@ class KernelConfig:
     scale: float
     tiles: KernelTiles = KernelTiles()
 
+
+# pypto's runtime stitches loop iterations ("root functions") into device tasks; its default memory pools
+# for their intermediate results (stitch_function_inner_memory 10, stitch_function_outcast_memory 50)
+# keep only a few phase-1 iterations in flight. The upstream GLM attention example uses 1024 for both
+# (its stitch_function_num_initial 128 is pypto's default; 512 or more crashes pypto 0.2.0's SIM run).
+RUNTIME_OPTIONS = {"stitch_function_inner_memory": 1024, "stitch_function_outcast_memory": 1024}
 
 _PYPTO_DTYPES = {"float32": "DT_FP32", "float16": "DT_FP16", "bfloat16": "DT_BF16"}
 
@@ -107,9 +129,12 @@ def build_kernel(config: KernelConfig, run_mode: str, verify_options: Optional[d
     cube_k, cube_n = min(tiles.cube_k, d), min(tiles.cube_n, _round_up(bs * kvb, 16))
     # a vector tile's last dim must span >= 32 bytes
     score_cols = _round_up(bs * kvb, 16)
+    if tiles.score_cols > 0:
+        score_cols = min(score_cols, _round_up(tiles.score_cols, 16))
     dyn = pypto.DYNAMIC
     mode = pypto.RunMode.NPU if run_mode == "npu" else pypto.RunMode.SIM
     rt = {"run_mode": mode}
+    rt.update(RUNTIME_OPTIONS)
     rt.update(runtime_options or {})
 
     def _norm_rope(x, weight, cos_p, sin_p, rows):
@@ -123,7 +148,12 @@ def build_kernel(config: KernelConfig, run_mode: str, verify_options: Optional[d
         rotated = pypto.concat([pypto.neg(x2), x1], -1)
         return xn * cos_p + rotated * sin_p
 
-    @pypto.frontend.jit(runtime_options=rt, verify_options=verify_options)
+    # pypto's graph-merging pass: fold this many structurally identical leaf subgraphs (the per-block
+    # cache gathers on the vector cores, the per-block q K^T tiles on the cube cores) into one task
+    passes = {"vec_nbuffer_setting": {-1: max(1, tiles.vec_merge)},
+              "cube_nbuffer_setting": {-1: max(1, tiles.cube_merge)}}
+
+    @pypto.frontend.jit(runtime_options=rt, pass_options=passes, verify_options=verify_options)
     def fa_fused_kernel(
         q: pypto.Tensor([dyn, hq, d], dt),
         k: pypto.Tensor([dyn, hkv, d], dt),
@@ -181,7 +211,7 @@ def build_kernel(config: KernelConfig, run_mode: str, verify_options: Optional[d
             seq_len = seq_lens[b]
             n_tasks = (seq_len + bs * kvb - 1) // (bs * kvb)
             for h in pypto.loop(hkv, name="LOOP_p1_h", idx_name="h"):
-                for t in pypto.loop(n_tasks, name="LOOP_p1_t", idx_name="t"):
+                for t in pypto.loop(n_tasks, name="LOOP_p1_t", idx_name="t", unroll_list=list(tiles.task_unroll)):
                     pypto.set_vec_tile_shapes(score_rows, d)
                     valid = (seq_len - t * (bs * kvb)).min(bs * kvb)
                     q_g = pypto.view(q_ws, [group, d], [b * hq + h * group, 0])
