@@ -3,8 +3,9 @@
     python benchmarks/bench_decode.py                          # 0.6B shape and a 14B-shaped stack, L 512/2048/8192
     python benchmarks/bench_decode.py --presets 0.6b -L 512 --steps 4 --reps 1   # smoke run
 
-For each model shape and context length L, the same seeded random-weight model (bf16) prefills one random
-prompt of L tokens once, with stock HF. Its DynamicCache is copied into a PagedKVCache (one vectorized write
+For each model shape and context length L, a seeded random-weight model (bf16) gets a context of L tokens
+in a DynamicCache: random K/V (the default; decode time does not depend on the values) or a real prefill of
+a random prompt (``--prefill model``). The DynamicCache is copied into a PagedKVCache (one vectorized write
 per layer), so both runs decode from the same context; each rep then times ``--steps`` greedy decode steps
 of the stock model and of the patched one, side by side (the order alternates), and crops both caches back
 to L tokens. Reported: decode tokens/s (batch x steps / time), median over reps, and patched / stock.
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="timed reps per method (default 3)")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--prefill", choices=("random", "model"), default="random",
+                        help="context: random K/V of the right shape (default), or a real prefill of a random "
+                             "prompt (minutes per layer stack at L=8192 here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", type=Path, default=common.RESULTS_DIR / "bench_decode.json")
     parser.add_argument("--no-plot", action="store_true")
@@ -85,12 +89,25 @@ def bench_context(model, preset, context, args, progress):
     from transformers import DynamicCache
 
     generator = torch.Generator().manual_seed(args.seed + context)
-    prompt = torch.randint(1, model.config.vocab_size, (args.batch, context), generator=generator)
-    progress(f"{preset} L={context}: stock prefill")
     stock_cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        logits = model(input_ids=prompt, cache=stock_cache, use_cache=True).logits[:, -1]
-    first = logits.argmax(-1, keepdim=True)
+    if args.prefill == "model":
+        progress(f"{preset} L={context}: stock prefill")
+        prompt = torch.randint(1, model.config.vocab_size, (args.batch, context), generator=generator)
+        with torch.no_grad():
+            logits = model(input_ids=prompt, cache=stock_cache, use_cache=True).logits[:, -1]
+        first = logits.argmax(-1, keepdim=True)
+    else:
+        # Decode time does not depend on what the context holds: random K/V of its shape and dtype stand
+        # in for a prefill, which would cost minutes at L=8192 on this machine.
+        progress(f"{preset} L={context}: random context")
+        config = model.config
+        shape = (args.batch, config.num_key_value_heads, context, config.head_dim)
+        dtype = next(model.parameters()).dtype
+        for layer in range(config.num_hidden_layers):
+            keys = torch.randn(shape, generator=generator).to(dtype)
+            values = torch.randn(shape, generator=generator).to(dtype)
+            stock_cache.update(keys, values, layer)
+        first = torch.randint(1, config.vocab_size, (args.batch, 1), generator=generator)
     with hf.patch_model(model, block_size=args.block_size) as handle:
         paged_cache = paged_copy(handle, stock_cache, args.batch, context, context + args.steps + 1)
 
