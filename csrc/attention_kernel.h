@@ -1,5 +1,5 @@
-// Flash-decoding attention of one work item (row, kv head, KV chunk), written once over a vector
-// type V and instantiated per instruction set by kernel_*.cpp. Everything sits in an anonymous
+// Flash-decoding attention of one work item (row, KV chunk, every kv head in turn), written once
+// over a vector type V and instantiated per instruction set by kernel_*.cpp. Everything sits in an anonymous
 // namespace so that each ISA's copy stays private to its own object file.
 //
 // Per token tile of kTokenTile tokens, for the G query heads that share one kv head:

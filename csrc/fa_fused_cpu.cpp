@@ -1,8 +1,8 @@
 // CPU kernel of qwen::fa_fused. Three passes, each an at::parallel_for:
 //   1. per row: RMSNorm + RoPE of q (fp32, times the softmax scale) and of k; k and v rounded to
 //      the cache dtype and written into the new token's slot;
-//   2. per (row, kv head, KV chunk): flash-decoding attention over the paged cache, by the kernel
-//      built for the widest instruction set this CPU has (kernel_*.cpp);
+//   2. per (row, KV chunk): flash-decoding attention over the paged cache for every kv head, by the
+//      kernel built for the widest instruction set this CPU has (kernel_*.cpp);
 //   3. per (row, head): exact merge of the chunks' partial (max, sum, out) into the output.
 // The argument checks mirror torch_qwen_fused/validation.py and all run before the first write.
 #include <ATen/ATen.h>
