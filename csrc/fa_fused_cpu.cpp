@@ -143,6 +143,7 @@ struct IndexPlan {
   std::vector<int64_t> positions;  // RoPE position of each row's new token
   std::vector<int64_t> slots;  // its cache slot, -1: not written
   int64_t max_len = 0;
+  int64_t total_len = 0;  // sum of seq_lens: how much attention work the call has
 };
 
 // Mirrors validation.check_values (same checks, same order, same messages), then fills in the
@@ -158,6 +159,7 @@ IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens
     TORCH_CHECK_VALUE(lens[b] >= 1, "fa_fused: seq_lens[", b, "] must be >= 1 (it counts the new token), got ",
                       lens[b]);
     plan.max_len = std::max<int64_t>(plan.max_len, lens[b]);
+    plan.total_len += lens[b];
   }
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t needed = (lens[b] + block_size - 1) / block_size;
@@ -425,10 +427,8 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   problem.cache_dtype = cache_dtype_of(k_cache.scalar_type());
   problem.block_table = table.const_data_ptr<int32_t>();
   problem.seq_lens = lens.const_data_ptr<int32_t>();
-  int64_t total_tokens = 0;
-  for (int64_t b = 0; b < batch; ++b) total_tokens += problem.seq_lens[b];
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
-  const int64_t grain = total_tokens * num_kv_heads * head_dim < kMinParallelValues * 16 ? items : 1;
+  const int64_t grain = plan.total_len * num_kv_heads * head_dim < kMinParallelValues * 16 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     attend(problem, begin, end, thread_scratch + at::get_thread_num() * problem.scratch_floats());
   });
