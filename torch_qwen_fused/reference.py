@@ -83,10 +83,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     keys = k_cache[used].flatten(1, 2).transpose(1, 2).float()
     values = v_cache[used].flatten(1, 2).transpose(1, 2).float()
     queries = q.float().view(batch, num_kv_heads, group, head_dim)
-    # Slots past a row's context may hold anything, NaN included (never written): zero them
-    # rather than rely on 0 * value.
-    outside = ~in_context[:, None, :, None]
-    keys, values = keys.masked_fill(outside, 0.0), values.masked_fill(outside, 0.0)
+    # Slots past a row's context may hold anything, NaN included (never written). Their scores are
+    # replaced below; their values must be zeroed too, since 0 * NaN is NaN.
+    values = values.masked_fill(~in_context[:, None, :, None], 0.0)
     scores = torch.einsum("bhgd,bhtd->bhgt", queries, keys) * scale
     scores = scores.masked_fill(~in_context[:, None, None, :], torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1)
