@@ -41,15 +41,6 @@ def int_list(text: str) -> List[int]:
     return values
 
 
-def dtype_list(text: str) -> List[str]:
-    """argparse type: ``"bf16,fp32"`` -> ``["bf16", "fp32"]`` (names of ``DTYPES``)."""
-    names = [item.strip() for item in text.split(",") if item.strip()]
-    bad = [name for name in names if name not in DTYPES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"dtypes must be among {sorted(DTYPES)}, got {text!r}")
-    return names
-
-
 def name_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
     """argparse type factory: a comma-separated subset of ``choices``, in the order given."""
     def parse(text: str) -> List[str]:
@@ -59,6 +50,10 @@ def name_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
             raise argparse.ArgumentTypeError(f"expected a subset of {list(choices)}, got {text!r}")
         return names
     return parse
+
+
+# argparse type: ``"bf16,fp32"`` -> ``["bf16", "fp32"]`` (names of ``DTYPES``).
+dtype_list = name_list(tuple(DTYPES))
 
 
 # ---------------------------------------------------------------------------------------------
