@@ -169,7 +169,7 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
 
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
-  const int32_t* blocks = p.block_table + row * p.max_blocks;
+  const int32_t* blocks = p.block_table + row * p.block_table_stride;
   const int64_t token_stride = num_kv_heads * head_dim;
   const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(T));
   TokenCursor cursor(blocks, p.block_size, token_stride, begin);
@@ -223,7 +223,10 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
         const float new_max = tile_max > running_max[g] ? tile_max : running_max[g];
         alpha[g] = running_max[g] == kNegInf ? 0.f : std::exp(running_max[g] - new_max);
         running_max[g] = new_max;
-        running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, new_max);
+        // Scores that are all -inf so far (an -inf key or weight) weigh 0, as they do in a softmax whose
+        // max comes from another chunk: shift by 0, not by -inf (-inf - -inf would be NaN).
+        const float shift = new_max == kNegInf ? 0.f : new_max;
+        running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, shift);
       }
       for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
         accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile,

@@ -7,6 +7,7 @@
 // The argument checks mirror torch_qwen_fused/validation.py and all run before the first write.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -38,6 +40,11 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Norm weights and RoPE tables are read value by value (float_at), in any of these.
+bool is_table_dtype(at::ScalarType t) {
+  return is_supported_dtype(t) || t == at::kDouble;
+}
+
 std::string shape_of(const at::Tensor& t) {
   return c10::str(t.sizes());
 }
@@ -53,6 +60,8 @@ void check_index_tensor(const char* name, const at::Tensor& t, int64_t batch) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "fa_fused: ", name,
                     " must be int64 (or int32), got ", dtype_name(t));
 }
+
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
 // Mirrors validation.check_shapes.
 void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm_weight,
@@ -83,14 +92,14 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
        {std::pair<const char*, const at::Tensor&>{"q_norm_weight", q_norm_weight}, {"k_norm_weight", k_norm_weight}}) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == head_dim, "fa_fused: ", name, " must have shape [", head_dim,
                       "], got ", shape_of(t));
-    TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fa_fused: ", name, " must be a floating dtype, got ",
-                      dtype_name(t));
+    TORCH_CHECK_VALUE(is_table_dtype(t.scalar_type()), "fa_fused: ", name,
+                      " must be float32, float16, bfloat16 or float64, got ", dtype_name(t));
   }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
     TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim, "fa_fused: ", name, " must have shape [max_position, ",
                       head_dim, "], got ", shape_of(t));
-    TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fa_fused: ", name, " must be a floating dtype, got ",
-                      dtype_name(t));
+    TORCH_CHECK_VALUE(is_table_dtype(t.scalar_type()), "fa_fused: ", name,
+                      " must be float32, float16, bfloat16 or float64, got ", dtype_name(t));
   }
   TORCH_CHECK_VALUE(cos.sizes() == sin.sizes(), "fa_fused: sin must have cos's shape ", shape_of(cos), ", got ",
                     shape_of(sin));
@@ -120,7 +129,7 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     dtype_name(seq_lens));
   if (positions) check_index_tensor("positions", *positions, batch);
   if (slot_mapping) check_index_tensor("slot_mapping", *slot_mapping, batch);
-  const std::pair<const char*, const at::Tensor*> named[] = {
+  const NamedTensor named[] = {
       {"k", &k}, {"v", &v}, {"q_norm_weight", &q_norm_weight}, {"k_norm_weight", &k_norm_weight},
       {"cos", &cos}, {"sin", &sin}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
       {"block_table", &block_table}, {"seq_lens", &seq_lens},
@@ -133,9 +142,56 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-// Reads element i of a 1-D int32 or int64 tensor.
+// Whether the bytes two tensors can reach intersect (conservative for strided tensors: their whole span).
+bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.const_data_ptr());
+    return std::pair(begin, begin + (last + 1) * t.element_size());
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+// Mirrors validation.check_writes: the caches are written in place, so a call whose result would depend on
+// the order of the writes and reads, or that torch would not let write them, is refused.
+void check_writes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm_weight,
+                  const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
+                  const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
+                  const std::optional<at::Tensor>& slot_mapping) {
+  const NamedTensor caches[] = {{"k_cache", &k_cache}, {"v_cache", &v_cache}};
+  for (const auto& [name, cache] : caches) {
+    TORCH_CHECK_VALUE(c10::InferenceMode::is_enabled() || !cache->is_inference(), "fa_fused: ", name,
+                      " is an inference tensor (created under torch.inference_mode()) and is written in place: call "
+                      "fa_fused inside torch.inference_mode() too, or create the cache outside it");
+  }
+  TORCH_CHECK_VALUE(!spans_overlap(k_cache, v_cache),
+                    "fa_fused: v_cache shares memory with k_cache; both are written in place, so they must not overlap");
+  const NamedTensor inputs[] = {
+      {"q", &q}, {"k", &k}, {"v", &v}, {"q_norm_weight", &q_norm_weight}, {"k_norm_weight", &k_norm_weight},
+      {"cos", &cos}, {"sin", &sin}, {"block_table", &block_table}, {"seq_lens", &seq_lens},
+      {"positions", positions ? &*positions : nullptr}, {"slot_mapping", slot_mapping ? &*slot_mapping : nullptr}};
+  for (const auto& [name, t] : inputs) {
+    for (const auto& [cache_name, cache] : caches) {
+      TORCH_CHECK_VALUE(!t || !spans_overlap(*t, *cache), "fa_fused: ", name, " overlaps ", cache_name,
+                        ", which is written in place; pass a copy");
+    }
+  }
+}
+
+// Element i of a 1-D int32 or int64 tensor of any stride.
 int64_t index_at(const at::Tensor& t, int64_t i) {
-  return t.scalar_type() == at::kLong ? t.data_ptr<int64_t>()[i] : t.data_ptr<int32_t>()[i];
+  const int64_t offset = i * t.stride(0);
+  return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[offset] : t.const_data_ptr<int32_t>()[offset];
+}
+
+// block_table[b, j] of a table of any strides.
+int32_t table_at(const at::Tensor& table, int64_t b, int64_t j) {
+  return table.const_data_ptr<int32_t>()[b * table.stride(0) + j * table.stride(1)];
 }
 
 // What the passes need from the index tensors, read once on the host.
@@ -147,13 +203,13 @@ struct IndexPlan {
 };
 
 // Mirrors validation.check_values (same checks, same order, same messages), then fills in the
-// defaults of positions and slot_mapping. Inputs are contiguous CPU tensors of checked shapes.
+// defaults of positions and slot_mapping. Inputs are CPU tensors of checked shapes, any strides.
 IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens,
                        const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slot_mapping,
                        int64_t num_blocks, int64_t block_size, int64_t max_position) {
   const int64_t batch = seq_lens.size(0), max_blocks = block_table.size(1);
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* table = block_table.data_ptr<int32_t>();
+  std::vector<int64_t> lens(batch);
+  for (int64_t b = 0; b < batch; ++b) lens[b] = index_at(seq_lens, b);
   IndexPlan plan;
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 1, "fa_fused: seq_lens[", b, "] must be >= 1 (it counts the new token), got ",
@@ -169,7 +225,7 @@ IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t needed = (lens[b] + block_size - 1) / block_size;
     for (int64_t j = 0; j < needed; ++j) {
-      const int32_t block = table[b * max_blocks + j];
+      const int32_t block = table_at(block_table, b, j);
       TORCH_CHECK_VALUE(block >= 0 && block < num_blocks, "fa_fused: block_table[", b, ", ", j, "] = ", block,
                         " is outside the cache's blocks [0, ", num_blocks, ")");
     }
@@ -195,8 +251,22 @@ IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens
                         ") (or -1 to skip the write)");
     } else {
       const int64_t last = lens[b] - 1;
-      plan.slots[b] = table[b * max_blocks + last / block_size] * block_size + last % block_size;
+      plan.slots[b] = table_at(block_table, b, last / block_size) * block_size + last % block_size;
     }
+  }
+  // Two rows writing one slot: which value stays would depend on the kernel's order.
+  std::unordered_map<int64_t, int64_t> writer_of_slot;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (plan.slots[b] < 0) continue;
+    const auto [earlier, inserted] = writer_of_slot.emplace(plan.slots[b], b);
+    if (inserted) continue;
+    if (slot_mapping) {
+      TORCH_CHECK_VALUE(false, "fa_fused: slot_mapping[", b, "] = ", plan.slots[b], " is also the slot of row ",
+                        earlier->second, "; two rows cannot write the same cache slot");
+    }
+    TORCH_CHECK_VALUE(false, "fa_fused: the default slot of row ", b, " (token seq_lens[", b,
+                      "] - 1 through block_table) = ", plan.slots[b], " is also the slot of row ", earlier->second,
+                      "; two rows cannot write the same cache slot");
   }
   return plan;
 }
@@ -223,14 +293,26 @@ AttendFn select_attention_kernel() {
   return has_avx512 ? attend_avx512 : has_avx2 ? attend_avx2 : attend_generic;
 }
 
-// Tokens per KV chunk: TORCH_QWEN_FUSED_KV_CHUNK if set (> 0), else enough chunks for every thread
-// to get kItemsPerThread (row, chunk) work items, each at least kMinChunkTokens long.
+// TORCH_QWEN_FUSED_KV_CHUNK as a positive token count (digits only; more than int64 holds saturates,
+// choose_chunk_len clamps it anyway); 0 if unset.
+int64_t forced_chunk_tokens() {
+  const char* forced = std::getenv("TORCH_QWEN_FUSED_KV_CHUNK");
+  if (!forced) return 0;
+  const std::string text = forced;
+  bool digits = !text.empty();
+  for (const char c : text) digits = digits && c >= '0' && c <= '9';
+  const int64_t tokens = !digits ? 0 : text.size() > 18 ? std::numeric_limits<int64_t>::max() : std::stoll(text);
+  TORCH_CHECK(tokens > 0, "fa_fused: TORCH_QWEN_FUSED_KV_CHUNK must be a positive integer token count, got '", text,
+              "'");
+  return tokens;
+}
+
+// Tokens per KV chunk: enough chunks for every thread to get kItemsPerThread (row, chunk) work items,
+// each at least kMinChunkTokens long. TORCH_QWEN_FUSED_KV_CHUNK forces a length, clamped to
+// [kTokenTile, max_len]: shorter chunks would only grow the partial results (one per chunk, head_dim + 2
+// floats for every query head), so the workspace stays below 1/kTokenTile of the K/V it reads.
 int64_t choose_chunk_len(int64_t batch, int64_t max_len) {
-  if (const char* forced = std::getenv("TORCH_QWEN_FUSED_KV_CHUNK")) {
-    const int64_t tokens = std::atoll(forced);
-    TORCH_CHECK(tokens > 0, "fa_fused: TORCH_QWEN_FUSED_KV_CHUNK must be a positive token count, got '", forced, "'");
-    return tokens;
-  }
+  if (const int64_t forced = forced_chunk_tokens()) return std::clamp(forced, kTokenTile, std::max(max_len, kTokenTile));
   const int64_t target_items = kItemsPerThread * at::get_num_threads();
   const int64_t wanted_chunks = (target_items + batch - 1) / batch;
   const int64_t max_chunks = std::max<int64_t>(1, (max_len + kMinChunkTokens - 1) / kMinChunkTokens);
@@ -243,15 +325,16 @@ CacheDtype cache_dtype_of(at::ScalarType t) {
   return t == at::kFloat ? CacheDtype::kFloat : t == at::kBFloat16 ? CacheDtype::kBFloat16 : CacheDtype::kHalf;
 }
 
-// Element i of a contiguous floating tensor of any dtype, as fp32 (norm weights and cos/sin rows:
-// a few hundred values per call, not worth a converted copy of the whole table).
-float float_at(const at::Tensor& t, int64_t i) {
+// The element at `offset` (in elements, from the strides) of a floating tensor, as fp32: norm weights
+// and the cos/sin rows of the batch are read in place, whatever the table's dtype and strides.
+float float_at(const at::Tensor& t, int64_t offset) {
+  const int64_t i = offset;
   switch (t.scalar_type()) {
     case at::kFloat: return t.const_data_ptr<float>()[i];
     case at::kBFloat16: return static_cast<float>(t.const_data_ptr<c10::BFloat16>()[i]);
     case at::kHalf: return static_cast<float>(t.const_data_ptr<c10::Half>()[i]);
     case at::kDouble: return static_cast<float>(t.const_data_ptr<double>()[i]);
-    default: TORCH_CHECK_VALUE(false, "fa_fused: unsupported floating dtype ", dtype_name(t));
+    default: TORCH_CHECK(false, "fa_fused: float_at reached with ", dtype_name(t), " (check_shapes admits it)");
   }
   return 0.f;
 }
@@ -267,16 +350,16 @@ RopeInputs gather_rope_inputs(const at::Tensor& q_norm_weight, const at::Tensor&
   in.q_weight.resize(head_dim);
   in.k_weight.resize(head_dim);
   for (int64_t i = 0; i < head_dim; ++i) {
-    in.q_weight[i] = float_at(q_norm_weight, i);
-    in.k_weight[i] = float_at(k_norm_weight, i);
+    in.q_weight[i] = float_at(q_norm_weight, i * q_norm_weight.stride(0));
+    in.k_weight[i] = float_at(k_norm_weight, i * k_norm_weight.stride(0));
   }
   const int64_t batch = static_cast<int64_t>(positions.size());
   in.cos.resize(batch * head_dim);
   in.sin.resize(batch * head_dim);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < head_dim; ++i) {
-      in.cos[b * head_dim + i] = float_at(cos, positions[b] * head_dim + i);
-      in.sin[b * head_dim + i] = float_at(sin, positions[b] * head_dim + i);
+      in.cos[b * head_dim + i] = float_at(cos, positions[b] * cos.stride(0) + i * cos.stride(1));
+      in.sin[b * head_dim + i] = float_at(sin, positions[b] * sin.stride(0) + i * sin.stride(1));
     }
   }
   return in;
@@ -374,15 +457,20 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
                slot_mapping);
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k.size(1), num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  check_writes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens, positions,
+               slot_mapping);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   if (batch == 0) return out;
 
-  const at::Tensor table = block_table.contiguous();
-  const at::Tensor lens = seq_lens.contiguous();
-  const std::optional<at::Tensor> positions_in = positions ? std::optional(positions->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> slots_in = slot_mapping ? std::optional(slot_mapping->contiguous()) : std::nullopt;
-  const IndexPlan plan = check_values(table, lens, positions_in, slots_in, num_blocks, block_size, cos.size(0));
+  const IndexPlan plan = check_values(block_table, seq_lens, positions, slot_mapping, num_blocks, block_size,
+                                      cos.size(0));
   const AttendFn attend = select_attention_kernel();
+  const at::Tensor lens = seq_lens.contiguous();
+  // The kernel walks a row's blocks with unit stride. A table with another column stride (a transposed
+  // view) is compacted to the columns the rows use, never copied whole.
+  const int64_t used_columns = (plan.max_len + block_size - 1) / block_size;
+  const at::Tensor table =
+      block_table.stride(1) == 1 ? block_table : block_table.narrow(1, 0, used_columns).contiguous();
 
   AttentionProblem problem{};
   problem.batch = batch;
@@ -390,7 +478,7 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   problem.num_kv_heads = num_kv_heads;
   problem.head_dim = head_dim;
   problem.block_size = block_size;
-  problem.max_blocks = table.size(1);
+  problem.block_table_stride = table.stride(0);
   problem.chunk_len = choose_chunk_len(batch, plan.max_len);
   problem.num_chunks = (plan.max_len + problem.chunk_len - 1) / problem.chunk_len;
   const int64_t group = problem.group();
@@ -409,8 +497,7 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* thread_scratch = problem.partial_sum + partials;
 
   const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
-  const RopeInputs rope = gather_rope_inputs(q_norm_weight.contiguous(), k_norm_weight.contiguous(), cos.contiguous(),
-                                             sin.contiguous(), plan.positions, head_dim);
+  const RopeInputs rope = gather_rope_inputs(q_norm_weight, k_norm_weight, cos, sin, plan.positions, head_dim);
   const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
   // Everything is checked: from here on the caches get written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {

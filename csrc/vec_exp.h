@@ -1,6 +1,9 @@
 // exp(x) for fp32 vectors, Cephes' expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6
 // polynomial, times 2^n built in the exponent bits. Relative error ~1e-7; inputs below -87.3
 // (masked or far-below-max scores) give exactly 0. Shared by the AVX2 and AVX-512 vectors.
+// x86 min/max return their *second* operand when either is NaN: the constant goes first so that a
+// NaN input stays NaN (as std::exp and torch.exp give) instead of becoming exp(88) and taking all the
+// softmax weight.
 #pragma once
 
 namespace qwen_fused {
@@ -8,7 +11,7 @@ namespace {
 
 template <class V>
 inline typename V::reg exp_cephes(typename V::reg x) {
-  x = V::max(V::min(x, V::set1(88.3762626647949f)), V::set1(-88.3762626647949f));
+  x = V::max(V::set1(-88.3762626647949f), V::min(V::set1(88.3762626647949f), x));
   const auto n = V::floor(V::fmadd(x, V::set1(1.44269504088896341f), V::set1(0.5f)));
   x = V::fmadd(n, V::set1(-0.693359375f), x);
   x = V::fmadd(n, V::set1(2.12194440e-4f), x);

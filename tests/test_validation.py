@@ -51,7 +51,7 @@ BAD_INPUTS = {
     "q_norm_weight shape": (replace(q_norm_weight=lambda c: c.q_norm_weight[:32]),
                             "q_norm_weight must have shape [64], got [32]"),
     "k_norm_weight dtype": (replace(k_norm_weight=lambda c: c.k_norm_weight.long()),
-                            "k_norm_weight must be a floating dtype"),
+                            "k_norm_weight must be float32, float16, bfloat16 or float64, got torch.int64"),
     "cos head_dim": (replace(cos=lambda c: c.cos[:, :32]), "cos must have shape [max_position, 64]"),
     "sin shape": (replace(sin=lambda c: c.sin[:10]), "sin must have cos's shape"),
     "k_cache 3-D": (replace(k_cache=lambda c: c.k_cache[0]), "k_cache must be 4-D"),

@@ -83,4 +83,6 @@ def fa_fused_pypto(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
     with pypto_compat.sandbox() as tmp, pypto_compat.replay_verify_data():
         with pypto_compat.captured_output(tmp):
             _replay_kernel(config)(*kernel_args)
+    # pypto wrote the caches behind autograd's back: bump their versions, as an in-place torch op does.
+    torch.autograd.graph.increment_version([t for t in (k_cache, v_cache) if not t.is_inference()])
     return kernel_args[-1]

@@ -14,6 +14,7 @@ __all__ = [
     "rotate_half",
     "apply_rope",
     "write_cache",
+    "gather_context",
     "paged_attention",
     "default_positions",
     "default_slot_mapping",
@@ -35,8 +36,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """RoPE of ``x`` [B, H, D] at ``positions`` [B], with rotate-half tables [max_pos, D], in fp32."""
-    cos_at = cos.float()[positions].unsqueeze(1)
-    sin_at = sin.float()[positions].unsqueeze(1)
+    cos_at = cos[positions].float().unsqueeze(1)  # only the batch's rows of the table are read
+    sin_at = sin[positions].float().unsqueeze(1)
     return x.float() * cos_at + rotate_half(x.float()) * sin_at
 
 
@@ -62,35 +63,34 @@ def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
     v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[rows].to(v_cache.dtype)
 
 
+def gather_context(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` tokens [seq_len, Hkv, D] of one row, from its row of the block table, in fp32."""
+    block_size = cache.shape[1]
+    used = blocks[: -(-seq_len // block_size)].long()
+    return cache[used].flatten(0, 1)[:seq_len].float()
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """GQA attention of one query token per row over its paged context, in fp32.
 
-    q: [B, Hq, D] (fp32). Returns [B, Hq, D] fp32. Row b attends to its first seq_lens[b] tokens,
-    which live in blocks block_table[b, :ceil(seq_lens[b] / block_size)].
+    q: [B, Hq, D]. Returns [B, Hq, D] fp32. Row b attends to its first seq_lens[b] tokens, which live in
+    blocks block_table[b, :ceil(seq_lens[b] / block_size)]. Row by row, so that time and memory follow the
+    tokens each row reads (a ragged batch is not padded to its longest row) and nothing past a row's
+    context (never-written slots may hold NaN) is ever read.
     """
     batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    max_len = int(seq_lens.max())
-    blocks_needed = -(-max_len // block_size)
-    used = block_table[:, :blocks_needed].long()
-    in_context = torch.arange(blocks_needed * block_size, device=q.device) < seq_lens.unsqueeze(1)
-    # Blocks past a row's context may hold any id; read block 0 there, the mask drops it.
-    used = torch.where(in_context[:, ::block_size], used, torch.zeros_like(used))
-
-    # [B, T, Hkv, D] -> [B, Hkv, T, D]
-    keys = k_cache[used].flatten(1, 2).transpose(1, 2).float()
-    values = v_cache[used].flatten(1, 2).transpose(1, 2).float()
-    queries = q.float().view(batch, num_kv_heads, group, head_dim)
-    # Slots past a row's context may hold anything, NaN included (never written). Their scores are
-    # replaced below; their values must be zeroed too, since 0 * NaN is NaN.
-    values = values.masked_fill(~in_context[:, None, :, None], 0.0)
-    scores = torch.einsum("bhgd,bhtd->bhgt", queries, keys) * scale
-    scores = scores.masked_fill(~in_context[:, None, None, :], torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgt,bhtd->bhgd", probs, values)
-    return out.reshape(batch, num_heads, head_dim)
+    out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    for row, seq_len in enumerate(seq_lens.tolist()):
+        keys = gather_context(k_cache, block_table[row], seq_len)        # [L, Hkv, D]
+        values = gather_context(v_cache, block_table[row], seq_len)
+        queries = q[row].float().view(num_kv_heads, group, head_dim)
+        scores = torch.einsum("hgd,thd->hgt", queries, keys) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[row] = torch.einsum("hgt,thd->hgd", probs, values).reshape(num_heads, head_dim)
+    return out
 
 
 def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

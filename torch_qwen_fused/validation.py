@@ -1,8 +1,9 @@
 """Argument checks of ``qwen::fa_fused`` (SPEC section 5), shared by every Python-side backend.
 
-The C++ CPU kernel mirrors these checks (csrc/fa_fused_cpu.cpp) so that a direct
-``torch.ops.qwen.fa_fused`` call on the CPU is just as safe. Every check runs before anything is
-written; every message names the argument and says what was expected and what was given.
+The C++ side mirrors these checks (``check_no_grad``: csrc/inference_only.cpp; the others:
+csrc/fa_fused_cpu.cpp) so that a direct ``torch.ops.qwen.fa_fused`` call on the CPU is just as safe.
+Every check runs before anything is written; every message names the argument and says what was
+expected and what was given.
 """
 
 from typing import Optional
@@ -10,6 +11,8 @@ from typing import Optional
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Norm weights and RoPE tables are read value by value in any of these.
+TABLE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 
@@ -32,6 +35,31 @@ def _first_bad(mask: torch.Tensor) -> int:
     return int(mask.nonzero()[0, 0])
 
 
+def check_types(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                positions=None, slot_mapping=None) -> None:
+    """Every tensor argument is a ``torch.Tensor`` (the schema enforces it for ``torch.ops`` calls)."""
+    named = (("q", q), ("k", k), ("v", v), ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight),
+             ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table),
+             ("seq_lens", seq_lens))
+    for name, tensor in named:
+        _expect(isinstance(tensor, torch.Tensor), f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    for name, tensor in (("positions", positions), ("slot_mapping", slot_mapping)):
+        _expect(tensor is None or isinstance(tensor, torch.Tensor),
+                f"{name} must be a torch.Tensor (or None), got {type(tensor).__name__}")
+
+
+def check_no_grad(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache) -> None:
+    """The op is inference-only: with grad mode on, an input that requires grad is refused (RuntimeError)."""
+    if not torch.is_grad_enabled():
+        return
+    named = (("q", q), ("k", k), ("v", v), ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight),
+             ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache))
+    for name, tensor in named:
+        if tensor.requires_grad:
+            raise RuntimeError(f"fa_fused: {name} requires grad, but fa_fused is inference-only (it has no backward): "
+                               "call it under torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+
+
 def check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
                  positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None) -> None:
     """Shapes, dtypes, devices and layouts: everything that can be checked without reading values."""
@@ -49,11 +77,11 @@ def check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cac
         _expect(tensor.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
     for name, tensor in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         _expect_shape(name, tensor, (head_dim,))
-        _expect(tensor.is_floating_point(), f"{name} must be a floating dtype, got {tensor.dtype}")
+        _expect(tensor.dtype in TABLE_DTYPES, f"{name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
     for name, tensor in (("cos", cos), ("sin", sin)):
         _expect(tensor.dim() == 2 and tensor.shape[1] == head_dim,
                 f"{name} must have shape [max_position, {head_dim}], got {list(tensor.shape)}")
-        _expect(tensor.is_floating_point(), f"{name} must be a floating dtype, got {tensor.dtype}")
+        _expect(tensor.dtype in TABLE_DTYPES, f"{name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
     _expect(cos.shape == sin.shape, f"sin must have cos's shape {list(cos.shape)}, got {list(sin.shape)}")
     _expect(k_cache.dim() == 4, f"k_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim], "
                                 f"got {k_cache.dim()}-D shape {list(k_cache.shape)}")
@@ -82,6 +110,55 @@ def check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cac
     for name, tensor in named:
         if tensor is not None:
             _expect(tensor.device == q.device, f"{name} must be on q's device {q.device}, got {tensor.device}")
+
+
+def _byte_span(tensor: torch.Tensor) -> Optional[tuple]:
+    """[first, last + 1) bytes a tensor can reach (its whole span, for any strides); None if empty."""
+    if tensor.numel() == 0:
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    begin = tensor.data_ptr()
+    return begin, begin + (last + 1) * tensor.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    span_a, span_b = _byte_span(a), _byte_span(b)
+    return span_a is not None and span_b is not None and span_a[0] < span_b[1] and span_b[0] < span_a[1]
+
+
+def check_writes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                 positions=None, slot_mapping=None) -> None:
+    """The caches are written in place: refuses calls whose result would depend on the order of the writes
+    and reads (shared memory), and inference-tensor caches outside ``torch.inference_mode()``."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _expect(torch.is_inference_mode_enabled() or not cache.is_inference(),
+                f"{name} is an inference tensor (created under torch.inference_mode()) and is written in place: call "
+                "fa_fused inside torch.inference_mode() too, or create the cache outside it")
+    _expect(not _overlap(k_cache, v_cache),
+            "v_cache shares memory with k_cache; both are written in place, so they must not overlap")
+    inputs = (("q", q), ("k", k), ("v", v), ("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight),
+              ("cos", cos), ("sin", sin), ("block_table", block_table), ("seq_lens", seq_lens),
+              ("positions", positions), ("slot_mapping", slot_mapping))
+    for name, tensor in inputs:
+        for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _expect(tensor is None or not _overlap(tensor, cache),
+                    f"{name} overlaps {cache_name}, which is written in place; pass a copy")
+
+
+def _check_distinct_slots(slots: list, explicit: bool) -> None:
+    """Two rows writing one slot: which value stays would depend on the kernel's order."""
+    writer_of_slot = {}
+    for row, slot in enumerate(slots):
+        if slot < 0:
+            continue
+        if slot in writer_of_slot:
+            earlier = writer_of_slot[slot]
+            if explicit:
+                _fail(f"slot_mapping[{row}] = {slot} is also the slot of row {earlier}; "
+                      "two rows cannot write the same cache slot")
+            _fail(f"the default slot of row {row} (token seq_lens[{row}] - 1 through block_table) = {slot} is also "
+                  f"the slot of row {earlier}; two rows cannot write the same cache slot")
+        writer_of_slot[slot] = row
 
 
 def check_values(q, k_cache, cos, block_table, seq_lens, positions=None, slot_mapping=None) -> None:
@@ -120,11 +197,21 @@ def check_values(q, k_cache, cos, block_table, seq_lens, positions=None, slot_ma
             row = _first_bad(bad)
             _fail(f"slot_mapping[{row}] = {int(slot_mapping[row])} is outside the cache's slots "
                   f"[0, {num_blocks * block_size}) (or -1 to skip the write)")
+        _check_distinct_slots(slot_mapping.tolist(), explicit=True)
+    else:
+        last = lens - 1
+        blocks = block_table.long().gather(1, (last // block_size).unsqueeze(1)).squeeze(1)
+        _check_distinct_slots((blocks * block_size + last % block_size).tolist(), explicit=False)
 
 
 def validate(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
              positions=None, slot_mapping=None) -> None:
-    """All checks of SPEC section 5; raises ``ValueError`` naming the argument."""
-    check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                 positions, slot_mapping)
+    """All checks of SPEC section 5, in the order the C++ op runs them; raises ``ValueError`` naming the
+    argument (``RuntimeError`` for an input that requires grad)."""
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+            positions, slot_mapping)
+    check_types(*args)
+    check_no_grad(*args[:9])
+    check_shapes(*args)
+    check_writes(*args)
     check_values(q, k_cache, cos, block_table, seq_lens, positions, slot_mapping)
