@@ -3,9 +3,11 @@ contract (conftest.fp64_reference) and independent references (HF Qwen3's own no
 
 import threading
 
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_qwen_fused
 from conftest import TOLERANCES, check_against_reference, cpu_supports, make_case, record_errors, run_backend
@@ -297,3 +299,151 @@ def test_threads_on_separate_caches_match_serial(fresh_env):
         torch.testing.assert_close(threaded_out, serial_out, **TOLERANCES[torch.bfloat16])
         assert torch.equal(threaded_case.k_cache, serial_case.k_cache)
         assert torch.equal(threaded_case.v_cache, serial_case.v_cache)
+
+
+# ---------------------------------------------------------------------------------------------- in-place writes
+BACKEND_CALLS = {
+    "cpu": lambda c: torch.ops.qwen.fa_fused(*c.args()),
+    "eager": lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager"),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager", "fallback"])
+def test_cache_writes_bump_versions_so_autograd_sees_them(fresh_env, request, backend):
+    case = make_case([5, 40], 8, 2, 64, 16, torch.float32)
+    if backend == "fallback":   # what CUDA/MPS/... run: the op dispatched to the eager fallback
+        request.getfixturevalue("fallback_on_cpu")
+    call = BACKEND_CALLS["cpu" if backend == "fallback" else backend]
+    before = case.k_cache._version, case.v_cache._version
+    call(case)
+    assert case.k_cache._version > before[0] and case.v_cache._version > before[1]
+    # A tensor autograd saved before the call is now stale: backward must refuse it, not use it.
+    weight = torch.ones(64, requires_grad=True)
+    loss = (case.k_cache * weight).sum()
+    with torch.no_grad():
+        call(case)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def empty_batch(case):
+    """``case`` with B = 0 (every per-row tensor sliced to no rows)."""
+    empty = case.clone()
+    for name in ("q", "k", "v", "block_table", "seq_lens", "positions"):
+        setattr(empty, name, getattr(empty, name)[:0])
+    empty.written_rows = []
+    return empty
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager", "fallback", "compile"])
+def test_empty_batch_returns_no_rows_and_writes_nothing(fresh_env, backend):
+    case = empty_batch(make_case([5, 40], 10, 2, 64, 16, torch.bfloat16))
+    before = case.clone()
+    if backend == "fallback":
+        out = torch_qwen_fused.ops._fa_fused_fallback(*case.args())
+    elif backend == "compile":
+        torch._dynamo.reset()
+        out = torch.compile(torch.ops.qwen.fa_fused, fullgraph=True)(*case.args())
+    else:
+        out = BACKEND_CALLS[backend](case)
+    assert out.shape == (0, 10, 64) and out.dtype == torch.bfloat16
+    assert torch.equal(case.k_cache, before.k_cache) and torch.equal(case.v_cache, before.v_cache)
+
+
+# ---------------------------------------------------------------------------------------------- switches
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "", " 64", "64k"])
+def test_bad_kv_chunk_switch_is_refused_before_any_write(fresh_env, value):
+    fresh_env.setenv("TORCH_QWEN_FUSED_KV_CHUNK", value)
+    case = make_case([70, 9])
+    before = case.clone()
+    with pytest.raises(RuntimeError, match="TORCH_QWEN_FUSED_KV_CHUNK must be a positive integer token count"):
+        torch.ops.qwen.fa_fused(*case.args())
+    assert torch.equal(case.k_cache, before.k_cache) and torch.equal(case.v_cache, before.v_cache)
+
+
+@pytest.mark.parametrize("value", [str(2**63 - 1), "9" * 30, "1", "31"])
+def test_extreme_kv_chunk_switch_is_clamped(fresh_env, value):
+    # Was SIGFPE / heap corruption (2**63-1) and a B*Hkv*L*G*(D+2)-float workspace (1).
+    fresh_env.setenv("TORCH_QWEN_FUSED_KV_CHUNK", value)
+    check_backends(make_case([300, 1, 77], 16, 2, 128, 16, torch.float32), backends=("cpu",))
+
+
+def test_kv_chunk_of_one_token_keeps_the_workspace_bounded(fresh_env):
+    """Chunks are clamped to >= 32 tokens: the partial results stay ~1/32 of the K/V read. Unclamped, this
+    call (B=1, L=20000, 40/8/128 fp32) allocated 416 MB of partials; peak RSS is measured in a fresh process."""
+    script = (
+        "import resource, sys, torch, torch_qwen_fused; sys.path.insert(0, 'tests'); from conftest import make_case\n"
+        "case = make_case([20000], 40, 8, 128, 128, torch.float32, extra_blocks=0)\n"
+        "torch.ops.qwen.fa_fused(*case.args())\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "torch.ops.qwen.fa_fused(*case.args())\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_QWEN_FUSED_KV_CHUNK="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                            check=True)
+    growth_mb = int(result.stdout.split()[-1])
+    assert growth_mb < 100, f"peak RSS grew by {growth_mb} MB in a KV_CHUNK=1 call"
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def test_strided_inputs_are_read_in_place_with_the_same_result(fresh_env):
+    """Views (cos/sin columns of a wider table, every other norm weight, a transposed or sliced block table,
+    non-contiguous q/k/v) give bit-identical results to their contiguous copies, and are read in place."""
+    case = make_case([5, 70, 33], 8, 2, 64, 16, torch.bfloat16, explicit_slots=True)
+    contiguous_case, expected = run_backend(case, "cpu")
+    strided = case.clone()
+    wide_cos, wide_sin = (torch.cat((t, torch.full_like(t, float("nan"))), dim=1) for t in (case.cos, case.sin))
+    strided.cos, strided.sin = wide_cos[:, :64], wide_sin[:, :64]
+    strided.q_norm_weight = torch.stack((case.q_norm_weight, torch.full_like(case.q_norm_weight, float("nan"))),
+                                        dim=1)[:, 0]
+    strided.q = case.q.transpose(0, 1).contiguous().transpose(0, 1)
+    strided.k = torch.cat((case.k, case.k), dim=2)[..., :64]
+    assert not any(t.is_contiguous() for t in (strided.cos, strided.q_norm_weight, strided.q, strided.k))
+    for table in (case.block_table.t().contiguous().t(), torch.cat((case.block_table, case.block_table), 1)[:, :5]):
+        working = strided.clone()
+        working.cos, working.sin = strided.cos, strided.sin          # clone() made them contiguous
+        working.q_norm_weight, working.q, working.k = strided.q_norm_weight, strided.q, strided.k
+        working.block_table = table
+        out = torch.ops.qwen.fa_fused(*working.args())
+        assert torch.equal(out, expected)
+        assert torch.equal(working.k_cache, contiguous_case.k_cache)
+        assert torch.equal(working.v_cache, contiguous_case.v_cache)
+
+
+def test_float64_tables_are_accepted(fresh_env):
+    case = make_case([9, 40], 8, 2, 64, 16, torch.float32)
+    case.cos, case.sin = case.cos.double(), case.sin.double()
+    case.q_norm_weight, case.k_norm_weight = case.q_norm_weight.double(), case.k_norm_weight.double()
+    check_backends(case)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Bytes of the largest tensor any torch op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+def test_eager_fallback_memory_follows_the_tokens_read(fresh_env):
+    """One row of 4096 tokens and 15 of 16: the fallback reads row by row, so nothing it allocates is larger
+    than a few times the longest row's K in fp32 (padding every row to the longest was 16x that)."""
+    case = make_case([4096] + [16] * 15, 40, 8, 128, 128, torch.bfloat16)
+    longest_row_keys = 4096 * 8 * 128 * 4
+    with LargestTensor() as largest:
+        out = torch_qwen_fused.fa_fused(*case.clone().args(), backend="eager")
+    assert largest.bytes <= 2 * longest_row_keys, f"{largest.bytes} bytes vs {longest_row_keys} per row"
+    _, expected = run_backend(case, "cpu")
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.bfloat16])

@@ -36,6 +36,24 @@ def non_contiguous_cache(case):
     case.k_cache = case.k_cache.transpose(0, 1).contiguous().transpose(0, 1)
 
 
+def overlapping_caches(case):
+    # Two views of one buffer, one block apart: v_cache's first blocks are k_cache's last ones.
+    buffer = torch.cat((case.k_cache, case.v_cache[:1]))
+    case.k_cache, case.v_cache = buffer[:-1], buffer[1:]
+
+
+def inference_caches(case):
+    with torch.inference_mode():
+        case.k_cache, case.v_cache = case.k_cache.clone(), case.v_cache.clone()
+
+
+def colliding_default_slots(case):
+    # Row 1 becomes row 0's twin (same blocks, same length): both default slots are row 0's next one.
+    case.slot_mapping = None
+    case.seq_lens[1] = case.seq_lens[0]
+    case.block_table[1, :2] = case.block_table[0, :2]
+
+
 BAD_INPUTS = {
     "q not 3-D": (replace(q=lambda c: c.q[0]), "q must be 3-D"),
     "q integer": (replace(q=lambda c: c.q.to(torch.int32)), "q must be float32, float16 or bfloat16"),
@@ -80,6 +98,26 @@ BAD_INPUTS = {
     "slot past the cache": (set_item("slot_mapping", 0, 128), "slot_mapping[0] = 128 is outside the cache's slots [0, 128)"),
     "slot below -1": (set_item("slot_mapping", 1, -2), "slot_mapping[1] = -2 is outside"),
     "slot_mapping dtype": (replace(slot_mapping=lambda c: c.slot_mapping.float()), "slot_mapping must be int64"),
+    "cos float8": (replace(cos=lambda c: c.cos.to(torch.float8_e5m2)),
+                   "cos must be float32, float16, bfloat16 or float64, got torch.float8_e5m2"),
+    "q_norm_weight float8": (replace(q_norm_weight=lambda c: c.q_norm_weight.to(torch.float8_e4m3fn)),
+                             "q_norm_weight must be float32, float16, bfloat16 or float64, got torch.float8_e4m3fn"),
+    # SPEC 5: writes whose result would depend on the kernel's order.
+    "k_cache is v_cache": (replace(v_cache=lambda c: c.k_cache),
+                           "v_cache shares memory with k_cache; both are written in place"),
+    "v_cache overlaps k_cache": (overlapping_caches, "v_cache shares memory with k_cache"),
+    "q inside k_cache": (replace(q=lambda c: c.k_cache.view(-1)[: 2 * 8 * 64].view(2, 8, 64)),
+                         "q overlaps k_cache, which is written in place; pass a copy"),
+    "v inside v_cache": (replace(v=lambda c: c.v_cache.view(-1)[-2 * 2 * 64:].view(2, 2, 64)),
+                         "v overlaps v_cache, which is written in place"),
+    "two rows write one slot": (set_item("slot_mapping", slice(None), 77),
+                                "slot_mapping[1] = 77 is also the slot of row 0; two rows cannot write the same "
+                                "cache slot"),
+    "default slots collide": (colliding_default_slots,
+                              "the default slot of row 1 (token seq_lens[1] - 1 through block_table) = "),
+    "caches from inference_mode": (inference_caches,
+                                   "k_cache is an inference tensor (created under torch.inference_mode()) and is "
+                                   "written in place"),
 }
 
 
@@ -139,3 +177,72 @@ def test_unused_block_table_entries_are_not_checked():
     out = torch.ops.qwen.fa_fused(*case.clone().args())
     torch.testing.assert_close(out.float(), torch_qwen_fused.fa_fused(*case.args(), backend="eager").float(),
                                atol=2e-2, rtol=5e-3)
+
+
+def test_skipped_rows_may_share_slot_minus_one():
+    case = base_case()
+    case.slot_mapping[:] = -1
+    torch.ops.qwen.fa_fused(*case.clone().args())
+    torch_qwen_fused.fa_fused(*case.args(), backend="eager")
+
+
+def test_caches_that_do_not_overlap_may_share_a_buffer():
+    # vLLM-style: K and V of a layer as two halves of one allocation.
+    case = base_case()
+    expected = torch.ops.qwen.fa_fused(*case.clone().args())
+    buffer = torch.stack((case.k_cache, case.v_cache))
+    case.k_cache, case.v_cache = buffer[0], buffer[1]
+    torch.testing.assert_close(torch.ops.qwen.fa_fused(*case.args()), expected, atol=0, rtol=0)
+
+
+def test_inference_caches_are_written_inside_inference_mode():
+    case = base_case()
+    expected_case = case.clone()
+    expected = torch.ops.qwen.fa_fused(*expected_case.args())
+    for call in (lambda c: torch.ops.qwen.fa_fused(*c.args()),
+                 lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager")):
+        working = case.clone()
+        inference_caches(working)
+        with torch.inference_mode():
+            out = call(working)
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=5e-3)
+        slots = case.slots()
+        assert not torch.equal(working.k_cache.flatten(0, 1)[slots], case.k_cache.flatten(0, 1)[slots])
+
+
+GRAD_INPUTS = ["q", "k", "v", "q_norm_weight", "k_norm_weight", "cos", "sin", "k_cache", "v_cache"]
+
+
+@pytest.mark.parametrize("name", GRAD_INPUTS)
+def test_inputs_that_require_grad_are_refused(name):
+    """SPEC 4: inference-only. Without the refusal the output claimed requires_grad and backward() left the
+    gradient None."""
+    messages = {}
+    for backend, call in {
+        "cpu kernel": lambda c: torch.ops.qwen.fa_fused(*c.args()),
+        "eager": lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager"),
+        "fallback": lambda c: torch_qwen_fused.ops._fa_fused_fallback(*c.args()),
+    }.items():
+        case = base_case()
+        case.q_norm_weight, case.k_norm_weight = case.q_norm_weight.bfloat16(), case.k_norm_weight.bfloat16()
+        setattr(case, name, getattr(case, name).float().requires_grad_().to(getattr(case, name).dtype))
+        k_before, v_before = case.k_cache.detach().clone(), case.v_cache.detach().clone()
+        with pytest.raises(RuntimeError) as error:
+            call(case)
+        messages[backend] = str(error.value).splitlines()[0]
+        assert f"fa_fused: {name} requires grad, but fa_fused is inference-only" in messages[backend]
+        assert_same_bytes(case.k_cache.detach(), k_before)
+        assert_same_bytes(case.v_cache.detach(), v_before)
+        with torch.no_grad():
+            out = call(case)
+        assert not out.requires_grad
+    assert len(set(messages.values())) == 1, f"the backends disagree: {messages}"
+
+
+def test_python_api_names_a_non_tensor_argument():
+    case = base_case()
+    case.positions = case.positions.tolist()
+    with pytest.raises(ValueError, match="fa_fused: positions must be a torch.Tensor \\(or None\\), got list"):
+        torch_qwen_fused.fa_fused(*case.args(), backend="eager")
+    with pytest.raises(ValueError, match="fa_fused: q must be a torch.Tensor, got ndarray"):
+        torch_qwen_fused.fa_fused(case.q.float().numpy(), *case.args()[1:], backend="eager")
