@@ -69,7 +69,11 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Raises:
         ValueError naming the argument, before anything is written, for any shape, dtype, device,
-        layout or index (seq_lens, block ids, positions, slots) outside the contract.
+        layout or index (seq_lens, block ids, positions, slots) outside the contract, and for writes
+        whose result would depend on the kernel's order (caches sharing memory, an input overlapping a
+        cache, two rows writing one slot) or that torch forbids (inference-tensor caches outside
+        ``torch.inference_mode()``). RuntimeError if, with grad mode on, an input requires grad: the op
+        is inference-only (its cache writes do bump the caches' version counters).
     """
     backend = backend or os.environ.get(BACKEND_ENV) or None
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
