@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 EXTENSION := torch_qwen_fused/_C.stamp
-CSRC := $(wildcard csrc/*.cpp csrc/*.h) setup.py
+CSRC := $(shell find csrc -name "*.cpp" -o -name "*.h") setup.py
 
 .PHONY: setup test test-pypto demo bench bench-op bench-decode bench-pypto clean
 
@@ -32,7 +32,7 @@ test: setup
 
 # Every pypto CPU-replay case (seconds each).
 test-pypto: setup
-	$(PY) -m pytest -q -ra -m pypto_full tests/test_pypto_backend.py
+	$(PY) -m pytest -q -ra -m pypto_full tests/test_pypto.py
 
 demo: setup
 	$(PY) -m torch_qwen_fused.demo

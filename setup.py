@@ -11,9 +11,11 @@ import os
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-here = os.path.dirname(os.path.abspath(__file__))
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
+sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+headers = sorted(glob.glob("csrc/**/*.h", recursive=True))
+# DEBUG=1: no optimisation, debug symbols and assertions (for gdb / sanitizers); the default is -O3.
+debug = os.environ.get("DEBUG") == "1"
+optimisation = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3"]
 
 setup(
     ext_modules=[
@@ -21,7 +23,7 @@ setup(
             "torch_qwen_fused._C",
             sources,
             depends=headers,
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-fvisibility=hidden"],
+            extra_compile_args=optimisation + ["-fopenmp", "-std=c++20", "-fvisibility=hidden"],
             extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )

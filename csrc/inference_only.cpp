@@ -2,11 +2,12 @@
 // (it has no backward), and its cache writes are in-place updates that autograd must see.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <utility>
+
+#include "validation.h"
 
 namespace qwen_fused {
 namespace {
@@ -22,23 +23,15 @@ const c10::TypedOperatorHandle<FaFusedFn>& fa_fused_op() {
 }
 
 // With grad mode on, an input that requires grad would get an output whose backward silently leaves its
-// gradient None: refuse instead (mirrored by validation.check_no_grad).
+// gradient None: refuse instead.
 at::Tensor fa_fused_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight, const at::Tensor& cos,
                              const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                              const at::Tensor& block_table, const at::Tensor& seq_lens,
                              const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slot_mapping,
                              double eps, std::optional<double> scale) {
-  if (c10::GradMode::is_enabled()) {
-    const std::pair<const char*, const at::Tensor*> differentiable[] = {
-        {"q", &q}, {"k", &k}, {"v", &v}, {"q_norm_weight", &q_norm_weight}, {"k_norm_weight", &k_norm_weight},
-        {"cos", &cos}, {"sin", &sin}, {"k_cache", &k_cache}, {"v_cache", &v_cache}};
-    for (const auto& [name, t] : differentiable) {
-      TORCH_CHECK(!t->requires_grad(), "fa_fused: ", name,
-                  " requires grad, but fa_fused is inference-only (it has no backward): call it under "
-                  "torch.no_grad() or torch.inference_mode(), or pass detached tensors");
-    }
-  }
+  check_no_grad({q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens, positions,
+                 slot_mapping});
   at::AutoDispatchBelowAutograd guard;
   return fa_fused_op().call(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
                             positions, slot_mapping, eps, scale);

@@ -16,4 +16,10 @@ TORCH_LIBRARY(qwen, m) {
       "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
       "Tensor seq_lens, Tensor? positions=None, Tensor? slot_mapping=None, float eps=1e-6, "
       "float? scale=None) -> Tensor");
+  // fa_fused's argument checks alone (every rule of the contract; raises before anything is written), for
+  // the backends written in Python: the eager fallback, the pypto replay, the NPU launch.
+  m.def(
+      "fa_fused_check(Tensor q, Tensor k, Tensor v, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos, "
+      "Tensor sin, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor? positions=None, "
+      "Tensor? slot_mapping=None) -> ()");
 }

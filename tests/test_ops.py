@@ -1,5 +1,5 @@
 """The op and its Python API: the fused CPU kernel and the eager fallback against the fp64 reference of the
-contract (conftest.fp64_reference) and independent references (HF Qwen3's own norm and RoPE, SDPA)."""
+contract (torch_qwen_fused.testing.fp64_reference) and independent references (HF Qwen3's own norm and RoPE, SDPA)."""
 
 import threading
 
@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_qwen_fused
-from conftest import TOLERANCES, check_against_reference, cpu_supports, make_case, record_errors, run_backend
+from conftest import record_errors, run_backend
+from torch_qwen_fused.testing import TOLERANCES, check_against_reference, cpu_supports, make_case
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCK_SIZES = [1, 16, 48, 128]
@@ -226,7 +227,7 @@ def test_fallback_kernel_serves_devices_without_a_kernel():
 def fallback_on_cpu():
     """Routes CPU calls of the op through the eager fallback (as on a device without a kernel)."""
     with torch.library._scoped_library("qwen", "IMPL") as lib:
-        lib.impl("fa_fused", torch_qwen_fused.ops._fa_fused_fallback, "CPU", allow_override=True)
+        lib.impl("fa_fused", torch_qwen_fused.backends.eager.fa_fused_eager, "CPU", allow_override=True)
         yield
 
 
@@ -340,7 +341,7 @@ def test_empty_batch_returns_no_rows_and_writes_nothing(fresh_env, backend):
     case = empty_batch(make_case([5, 40], 10, 2, 64, 16, torch.bfloat16))
     before = case.clone()
     if backend == "fallback":
-        out = torch_qwen_fused.ops._fa_fused_fallback(*case.args())
+        out = torch_qwen_fused.backends.eager.fa_fused_eager(*case.args())
     elif backend == "compile":
         torch._dynamo.reset()
         out = torch.compile(torch.ops.qwen.fa_fused, fullgraph=True)(*case.args())
@@ -372,7 +373,7 @@ def test_kv_chunk_of_one_token_keeps_the_workspace_bounded(fresh_env):
     """Chunks are clamped to >= 32 tokens: the partial results stay ~1/32 of the K/V read. Unclamped, this
     call (B=1, L=20000, 40/8/128 fp32) allocated 416 MB of partials; peak RSS is measured in a fresh process."""
     script = (
-        "import resource, sys, torch, torch_qwen_fused; sys.path.insert(0, 'tests'); from conftest import make_case\n"
+        "import resource, torch, torch_qwen_fused; from torch_qwen_fused.testing import make_case\n"
         "case = make_case([20000], 40, 8, 128, 128, torch.float32, extra_blocks=0)\n"
         "torch.ops.qwen.fa_fused(*case.args())\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

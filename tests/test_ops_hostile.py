@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import torch_qwen_fused
-from conftest import ISAS, assert_same_bytes, check_against_reference, cpu_supports, make_case, run_backend
+from conftest import run_backend
+from torch_qwen_fused.testing import ISAS, assert_same_bytes, check_against_reference, cpu_supports, make_case
 
 RUNNABLE_ISAS = [isa for isa in ISAS if cpu_supports(isa)]
 NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -1,16 +1,39 @@
-"""Bad input (SPEC section 5): a ValueError naming the argument, raised before anything is written.
+"""Bad input (docs/contract.md, section 5): a ValueError naming the argument, raised before anything is written.
 
-Every case runs through the C++ CPU kernel (a direct ``torch.ops.qwen.fa_fused`` call) and through the
-Python validation that the eager fallback and the other backends share; both must refuse it with the
-same message and leave the caches byte-for-byte unchanged.
+The checks are one C++ routine (csrc/validation.cpp). Every case runs through each way a user reaches a kernel:
+the CPU kernel (``torch.ops.qwen.fa_fused``), the eager backend (``backend="eager"``) and the op dispatched to
+the eager kernel (what CUDA, MPS, ... run). Each must refuse it with the same message and leave the caches
+byte-for-byte unchanged.
 """
+
+import contextlib
 
 import pytest
 import torch
 
 import torch_qwen_fused
-from torch_qwen_fused import validation
-from conftest import assert_same_bytes, make_case
+from torch_qwen_fused.backends.eager import fa_fused_eager
+from torch_qwen_fused.testing import assert_same_bytes, make_case
+
+
+@contextlib.contextmanager
+def cpu_dispatched_to_eager():
+    """CPU calls of the op reach the eager kernel, as calls on a device without a kernel of its own do."""
+    with torch.library._scoped_library("qwen", "IMPL") as lib:
+        lib.impl("fa_fused", fa_fused_eager, "CPU", allow_override=True)
+        yield
+
+
+def call_dispatched_to_eager(case):
+    with cpu_dispatched_to_eager():
+        return torch.ops.qwen.fa_fused(*case.args())
+
+
+BACKEND_CALLS = {
+    "cpu kernel": lambda c: torch.ops.qwen.fa_fused(*c.args()),
+    "eager": lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager"),
+    "op -> eager": call_dispatched_to_eager,
+}
 
 
 def base_case():
@@ -137,11 +160,7 @@ def refuse(case, call):
 def test_bad_input_is_refused_before_any_write(name):
     mutate, expected = BAD_INPUTS[name]
     messages = {}
-    for backend, call in {
-        "cpu kernel": lambda c: torch.ops.qwen.fa_fused(*c.args()),
-        "eager": lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager"),
-        "fallback": lambda c: torch_qwen_fused.ops._fa_fused_fallback(*c.args()),
-    }.items():
+    for backend, call in BACKEND_CALLS.items():
         case = base_case()
         mutate(case)
         messages[backend] = refuse(case, call)
@@ -151,16 +170,15 @@ def test_bad_input_is_refused_before_any_write(name):
 
 def test_base_case_is_valid():
     # The cases above differ from this one by one argument each.
-    case = base_case()
-    torch.ops.qwen.fa_fused(*case.args())
-    validation.validate(*base_case().args())
+    for call in BACKEND_CALLS.values():
+        call(base_case())
 
 
 def test_device_mismatch_is_named():
     case = base_case()
     case.block_table = case.block_table.to("meta")
     with pytest.raises(ValueError, match="block_table must be on q's device cpu, got meta"):
-        validation.check_shapes(*case.args())
+        torch.ops.qwen.fa_fused_check(*case.args())
 
 
 def test_a_later_row_error_leaves_earlier_rows_unwritten():
@@ -218,11 +236,7 @@ def test_inputs_that_require_grad_are_refused(name):
     """SPEC 4: inference-only. Without the refusal the output claimed requires_grad and backward() left the
     gradient None."""
     messages = {}
-    for backend, call in {
-        "cpu kernel": lambda c: torch.ops.qwen.fa_fused(*c.args()),
-        "eager": lambda c: torch_qwen_fused.fa_fused(*c.args(), backend="eager"),
-        "fallback": lambda c: torch_qwen_fused.ops._fa_fused_fallback(*c.args()),
-    }.items():
+    for backend, call in BACKEND_CALLS.items():
         case = base_case()
         case.q_norm_weight, case.k_norm_weight = case.q_norm_weight.bfloat16(), case.k_norm_weight.bfloat16()
         setattr(case, name, getattr(case, name).float().requires_grad_().to(getattr(case, name).dtype))
@@ -239,10 +253,9 @@ def test_inputs_that_require_grad_are_refused(name):
     assert len(set(messages.values())) == 1, f"the backends disagree: {messages}"
 
 
-def test_python_api_names_a_non_tensor_argument():
+@pytest.mark.parametrize("backend", list(BACKEND_CALLS))
+def test_a_non_tensor_argument_is_named_with_its_expected_type(backend):
     case = base_case()
-    case.positions = case.positions.tolist()
-    with pytest.raises(ValueError, match="fa_fused: positions must be a torch.Tensor \\(or None\\), got list"):
-        torch_qwen_fused.fa_fused(*case.args(), backend="eager")
-    with pytest.raises(ValueError, match="fa_fused: q must be a torch.Tensor, got ndarray"):
-        torch_qwen_fused.fa_fused(case.q.float().numpy(), *case.args()[1:], backend="eager")
+    case.positions = case.positions.tolist()   # was an AttributeError ('list' has no 'long') in eager
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Optional\\[Tensor\\]' for argument 'positions'"):
+        BACKEND_CALLS[backend](case)

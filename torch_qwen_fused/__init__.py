@@ -1,10 +1,16 @@
-"""torch_qwen_fused: Qwen3 decode attention as one fused PyTorch op, ``torch.ops.qwen.fa_fused``."""
+"""torch_qwen_fused: Qwen3 decode attention as one fused PyTorch op, ``torch.ops.qwen.fa_fused``.
+
+Importing the package registers the op and its kernels: the schema, argument checks and CPU kernel (C++,
+``_C``), the eager kernel for every other device (``backends.eager``), the Ascend NPU kernel
+(``backends.npu``; imports neither torch_npu nor pypto) and the fake kernel (``ops``).
+"""
 
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
-from . import _C  # noqa: F401  (registers the op schema and the CPU kernel)
-from . import npu  # noqa: F401  (registers the PrivateUse1 kernel; imports neither torch_npu nor pypto)
+from . import _C  # noqa: F401
+from .backends import eager, npu  # noqa: F401
 from . import ops
-from .ops import BACKENDS, fa_fused, rope_cos_sin
+from .ops import BACKENDS, fa_fused, reload_cpu_switches
+from .rope import rope_cos_sin
 
-__all__ = ["fa_fused", "rope_cos_sin", "BACKENDS", "ops"]
+__all__ = ["fa_fused", "rope_cos_sin", "reload_cpu_switches", "BACKENDS", "ops"]

@@ -1,14 +1,13 @@
-"""The public entry point ``fa_fused``, the fake kernel and the eager fallback registration."""
+"""The public entry point ``fa_fused``, its backend switch and the op's fake kernel."""
 
 import os
 from typing import Optional
 
 import torch
 
-from . import validation
-from .reference import fa_fused_eager
+from .backends.eager import fa_fused_eager
 
-__all__ = ["fa_fused", "rope_cos_sin", "BACKENDS"]
+__all__ = ["fa_fused", "reload_cpu_switches", "BACKENDS"]
 
 BACKENDS = ("cpu", "eager", "pypto")
 BACKEND_ENV = "TORCH_QWEN_FUSED_BACKEND"
@@ -85,45 +84,23 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"fa_fused: backend='cpu' needs CPU tensors, got q on {q.device}")
         return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale)
     if backend == "eager":
-        validation.validate(*args)
         return fa_fused_eager(*args, eps=eps, scale=scale)
     if backend == "pypto":
-        from . import pypto_backend
+        from .backends.pypto.replay import fa_fused_pypto
 
-        return pypto_backend.fa_fused_pypto(*args, eps=eps, scale=scale)
+        return fa_fused_pypto(*args, eps=eps, scale=scale)
     raise ValueError(f"fa_fused: backend must be None or one of {BACKENDS}, got {backend!r}")
 
 
-def rope_cos_sin(max_position: int, head_dim: int, rope_theta: float = 1e6,
-                 dtype: torch.dtype = torch.float32, device=None) -> tuple:
-    """Rotate-half RoPE tables [max_position, head_dim], computed as HF Qwen3's rotary embedding does.
-
-    ``inv_freq = 1 / theta^(2i / head_dim)``; ``freqs = position * inv_freq`` in fp32;
-    ``cos = cos(cat(freqs, freqs))``, likewise ``sin``. Qwen3 checkpoints use theta = 1e6.
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (rope_theta ** exponents)
-    freqs = torch.outer(torch.arange(max_position, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def reload_cpu_switches() -> None:
+    """Makes the CPU kernel read ``TORCH_QWEN_FUSED_CPU_ISA`` and ``TORCH_QWEN_FUSED_KV_CHUNK`` again at its
+    next call (it reads them, and the CPU's features, once per process)."""
+    torch.ops.qwen.reload_cpu_switches()
 
 
 @torch.library.register_fake("qwen::fa_fused")
 def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
                    positions=None, slot_mapping=None, eps=1e-6, scale=None):
-    validation.check_shapes(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
-                            seq_lens, positions, slot_mapping)
+    # Shapes only: the real kernel runs every check of the contract before it writes (validation.cpp).
+    torch._check(q.dim() == 3, lambda: f"fa_fused: q must be 3-D [batch, num_heads, head_dim], got {q.dim()}-D")
     return q.new_empty(q.shape)
-
-
-def _fa_fused_fallback(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                       positions=None, slot_mapping=None, eps=1e-6, scale=None):
-    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-            positions, slot_mapping)
-    validation.validate(*args)
-    return fa_fused_eager(*args, eps=eps, scale=scale)
-
-
-# Every device without a kernel of its own (CUDA, MPS, XPU, ...) runs the eager fallback; the CPU
-# and the NPU (PrivateUse1) have dedicated kernels, which take precedence over this one.
-torch.library.impl("qwen::fa_fused", "CompositeExplicitAutograd", _fa_fused_fallback)

@@ -67,7 +67,7 @@ def import_pypto():
         raise ImportError("the pypto backend needs pypto==0.2.0: pip install 'torch_qwen_fused[pypto]'")
     if version != PYPTO_VERSION:
         raise ImportError(f"the pypto backend is pinned to pypto=={PYPTO_VERSION} (it uses private "
-                          f"pypto APIs, see torch_qwen_fused/pypto_compat.py), found pypto=={version}")
+                          f"pypto APIs, see torch_qwen_fused/backends/pypto/compat.py), found pypto=={version}")
     # pypto's logger picks its log dir once, when its libraries load (default ~/ascend/log): give it
     # a per-process temp dir, removed at exit, unless the user chose one.
     with process_dirs():

@@ -1,4 +1,4 @@
-"""The Ascend NPU kernel of ``qwen::fa_fused``: the pypto kernel (pypto_kernel.py), registered for PrivateUse1.
+"""The Ascend NPU kernel of ``qwen::fa_fused``: the pypto kernel (pypto/kernel.py), registered for PrivateUse1.
 
 torch_npu runs Ascend devices as torch's ``PrivateUse1`` backend, so registering for that dispatch
 key needs neither torch_npu nor pypto at import time: importing this module only adds the
@@ -15,8 +15,6 @@ from typing import Optional
 
 import torch
 
-from . import validation
-
 __all__ = ["fa_fused_npu", "DISPATCH_KEY"]
 
 DISPATCH_KEY = "PrivateUse1"
@@ -26,7 +24,7 @@ _kernels: dict = {}
 def _npu_kernel(config):
     kernel = _kernels.get(config)
     if kernel is None:
-        from .pypto_kernel import build_kernel
+        from .pypto.kernel import build_kernel
 
         kernel = build_kernel(config, "npu")
         _kernels[config] = kernel
@@ -39,15 +37,15 @@ def fa_fused_npu(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cac
     """``qwen::fa_fused`` on an Ascend NPU: validate, then launch the pypto kernel on the current stream."""
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
             positions, slot_mapping)
-    validation.validate(*args)
+    torch.ops.qwen.fa_fused_check(*args)
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    from . import pypto_compat
-    from .pypto_backend import kernel_config, prepare
+    from .pypto import compat
+    from .pypto.replay import kernel_config, prepare
 
-    pypto_compat.import_pypto()
+    compat.import_pypto()
     kernel_args = prepare(*args)
-    with pypto_compat.process_dirs(), pypto_compat.restored_root_logger():
+    with compat.process_dirs(), compat.restored_root_logger():
         _npu_kernel(kernel_config(q, k, k_cache, eps, scale))(*kernel_args)
     return kernel_args[-1]
 

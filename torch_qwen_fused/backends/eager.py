@@ -1,7 +1,6 @@
-"""Eager PyTorch implementation of ``qwen::fa_fused``: the readable reference and the fallback.
-
-Each step is a function named after the math (SPEC section 1). It runs on any device torch runs on
-and is the yardstick the fused kernels are tested against.
+"""The eager backend of ``qwen::fa_fused``: plain PyTorch, one function per step of the math
+(docs/contract.md, section 1). It runs on any device torch runs on: it is the op's kernel on every
+device without one of its own (CUDA, MPS, XPU, ...) and ``backend="eager"`` of the Python API.
 """
 
 import math
@@ -20,6 +19,10 @@ __all__ = [
     "default_slot_mapping",
     "fa_fused_eager",
 ]
+
+# The same function serves backend="eager" and every device without a kernel; the CPU and the NPU
+# (PrivateUse1) have dedicated kernels, which take precedence over this registration.
+_REGISTRATION_KEY = "CompositeExplicitAutograd"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,7 +103,10 @@ def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    block_table: torch.Tensor, seq_lens: torch.Tensor,
                    positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
                    eps: float = 1e-6, scale: Optional[float] = None) -> torch.Tensor:
-    """One decode step: qk-norm, RoPE, cache write, paged GQA attention. Inputs must be validated."""
+    """One decode step: qk-norm, RoPE, cache write, paged GQA attention, after the op's checks (the same
+    C++ ``qwen::fa_fused_check`` every backend runs: it raises before anything is written)."""
+    torch.ops.qwen.fa_fused_check(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
+                                  seq_lens, positions, slot_mapping)
     if positions is None:
         positions = default_positions(seq_lens)
     if slot_mapping is None:
@@ -113,3 +119,6 @@ def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long())
     out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale)
     return out.to(q.dtype)
+
+
+torch.library.impl("qwen::fa_fused", _REGISTRATION_KEY)(fa_fused_eager)

@@ -1,10 +1,10 @@
-"""``backend="pypto"``: the pypto kernel (pypto_kernel.py) computed by pypto's graph interpreter on the CPU.
+"""``backend="pypto"``: the pypto kernel (kernel.py) computed by pypto's graph interpreter on the CPU.
 
 This is a validation path, not a fast one: pypto 0.2.0 has no compile cache in SIM mode, so every
 call compiles the kernel (a second or more) and then interprets its tensor graph with torch ops.
 What it checks is the kernel's graph semantics after pypto's compiler passes, not NPU
 instructions (no AICore binary is produced without CANN). The private-API workarounds it relies
-on live in pypto_compat.py.
+on live in compat.py.
 
 Shared with the NPU backend (npu.py): ``prepare`` turns the op's arguments into the kernel's
 (int32 indices, fp32 norm weights and cos/sin tables, defaults filled in) and ``kernel_config``
@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from . import pypto_compat, validation
-from .pypto_kernel import KernelConfig, KernelTiles, build_kernel
-from .reference import default_positions, default_slot_mapping
+from . import compat
+from .kernel import KernelConfig, KernelTiles, build_kernel
+from ..eager import default_positions, default_slot_mapping
 
 __all__ = ["fa_fused_pypto", "prepare", "kernel_config"]
 
@@ -54,7 +54,7 @@ def prepare(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, b
 def _replay_kernel(config: KernelConfig):
     kernel = _kernels.get(config)
     if kernel is None:
-        kernel = build_kernel(config, "sim", verify_options=pypto_compat.REPLAY_VERIFY_OPTIONS)
+        kernel = build_kernel(config, "sim", verify_options=compat.REPLAY_VERIFY_OPTIONS)
         _kernels[config] = kernel
     return kernel
 
@@ -66,7 +66,7 @@ def fa_fused_pypto(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
 
     Same arguments, in-place cache update and result as ``torch_qwen_fused.fa_fused``; CPU tensors
     only. Needs pypto==0.2.0, and cmake + g++ once per user to build pypto's interpreter library
-    into the cache dir (see pypto_compat.py). Nothing is left in the working directory or home
+    into the cache dir (see compat.py). Nothing is left in the working directory or home
     besides that cache.
     """
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
@@ -74,14 +74,14 @@ def fa_fused_pypto(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
     if q.device.type != "cpu":
         raise ValueError(f"fa_fused: backend='pypto' replays the pypto kernel on the CPU and needs CPU "
                          f"tensors, got q on {q.device}")
-    validation.validate(*args)
+    torch.ops.qwen.fa_fused_check(*args)
     if q.shape[0] == 0:
         return torch.empty_like(q)
     kernel_args = prepare(*args)
     config = kernel_config(q, k, k_cache, eps, scale, tiles)
-    pypto_compat.import_pypto()
-    with pypto_compat.sandbox() as tmp, pypto_compat.replay_verify_data():
-        with pypto_compat.captured_output(tmp):
+    compat.import_pypto()
+    with compat.sandbox() as tmp, compat.replay_verify_data():
+        with compat.captured_output(tmp):
             _replay_kernel(config)(*kernel_args)
     # pypto wrote the caches behind autograd's back: bump their versions, as an in-place torch op does.
     torch.autograd.graph.increment_version([t for t in (k_cache, v_cache) if not t.is_inference()])

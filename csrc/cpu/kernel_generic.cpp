@@ -1,5 +1,5 @@
 // The attention kernel for any x86-64 (or other) CPU, built with the baseline flags.
-#include "vec_generic.h"
+#include "vec/generic.h"
 #include "attention_kernel.h"
 
 namespace qwen_fused {

@@ -9,7 +9,7 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#include "vec_avx512.h"
+#include "vec/avx512.h"
 #include "attention_kernel.h"
 
 namespace qwen_fused {

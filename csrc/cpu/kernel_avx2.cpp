@@ -9,7 +9,7 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-#include "vec_avx2.h"
+#include "vec/avx2.h"
 #include "attention_kernel.h"
 
 namespace qwen_fused {

@@ -1,19 +1,20 @@
-"""The eager reference's pieces on hand-computed values (the rest of it is checked against HF and SDPA)."""
+"""The eager backend's pieces on hand-computed values (the whole op is checked against the fp64 reference in
+test_ops.py)."""
 
 import torch
 
 import torch_qwen_fused
-from torch_qwen_fused import reference
+from torch_qwen_fused.backends import eager
 
 
 def test_pieces_named_after_the_math():
     x = torch.tensor([[[3.0, 4.0, 0.0, 0.0]]])
-    torch.testing.assert_close(reference.rms_norm(x, torch.ones(4), eps=0.0), x / 2.5)
-    torch.testing.assert_close(reference.rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])),
+    torch.testing.assert_close(eager.rms_norm(x, torch.ones(4), eps=0.0), x / 2.5)
+    torch.testing.assert_close(eager.rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])),
                                torch.tensor([-3.0, -4.0, 1.0, 2.0]))
     # Position 0 is the identity rotation.
     cos, sin = torch_qwen_fused.rope_cos_sin(4, 4)
-    torch.testing.assert_close(reference.apply_rope(x, cos, sin, torch.tensor([0])), x)
+    torch.testing.assert_close(eager.apply_rope(x, cos, sin, torch.tensor([0])), x)
 
 
 def test_default_slot_mapping_follows_the_block_table():
@@ -21,5 +22,5 @@ def test_default_slot_mapping_follows_the_block_table():
     seq_lens = torch.tensor([5, 9], dtype=torch.int32)
     # block size 4: row 0's token 4 is offset 0 of logical block 1 (physical 2); row 1's token 8 is
     # offset 0 of logical block 2 (physical 1).
-    assert reference.default_slot_mapping(block_table, seq_lens, 4).tolist() == [8, 4]
-    assert reference.default_positions(seq_lens).tolist() == [4, 8]
+    assert eager.default_slot_mapping(block_table, seq_lens, 4).tolist() == [8, 4]
+    assert eager.default_positions(seq_lens).tolist() == [4, 8]

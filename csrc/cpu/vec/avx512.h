@@ -4,8 +4,8 @@
 
 #include <immintrin.h>
 
-#include "decode_attention.h"
-#include "vec_exp.h"
+#include "../decode_attention.h"
+#include "exp.h"
 
 namespace qwen_fused {
 namespace {

@@ -50,7 +50,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from . import pypto_compat
+from . import compat
 
 __all__ = ["KernelConfig", "KernelTiles", "build_kernel"]
 
@@ -104,7 +104,7 @@ def build_kernel(config: KernelConfig, run_mode: str, verify_options: Optional[d
     """A ``@pypto.frontend.jit`` kernel for ``config``.
 
     run_mode: "npu" (CANN + torch_npu: launched on the current NPU stream) or "sim" (pypto's cost
-    model; with ``verify_options=pypto_compat.REPLAY_VERIFY_OPTIONS`` its graph interpreter).
+    model; with ``verify_options=compat.REPLAY_VERIFY_OPTIONS`` its graph interpreter).
 
     The kernel's arguments, all tensors of one device, in this order:
     q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D] (dtype); q_norm_weight [D], k_norm_weight [D],
@@ -112,7 +112,7 @@ def build_kernel(config: KernelConfig, run_mode: str, verify_options: Optional[d
     block_table [B, MB], seq_lens [B], positions [B], slot_mapping [B] (int32); out [B, Hq, D]
     (dtype, written).
     """
-    pypto = pypto_compat.import_pypto()
+    pypto = compat.import_pypto()
 
     dt = getattr(pypto, _PYPTO_DTYPES[config.dtype])
     cdt = getattr(pypto, _PYPTO_DTYPES[config.cache_dtype])

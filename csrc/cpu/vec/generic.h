@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "decode_attention.h"
+#include "../decode_attention.h"
 
 namespace qwen_fused {
 namespace {

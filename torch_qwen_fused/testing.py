@@ -1,0 +1,207 @@
+"""Test inputs and the yardstick for ``qwen::fa_fused``, shared by the tests and the benchmarks.
+
+``make_case`` builds one decode step over a random paged cache (shuffled block table, ragged lengths);
+``fp64_reference`` evaluates the contract (docs/contract.md) in fp64, independently of every backend;
+``check_against_reference`` checks a backend's output and caches against it with the contract's tolerances.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .backends.eager import default_slot_mapping
+from .rope import rope_cos_sin
+
+__all__ = ["Case", "make_case", "fp64_reference", "check_against_reference", "assert_same_bytes", "TOLERANCES",
+           "ISAS", "cpu_supports"]
+
+# The contract's tolerances (docs/contract.md, section 4): every backend vs the fp64 reference.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=0.0),
+    torch.float16: dict(atol=2e-2, rtol=5e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=5e-3),
+}
+
+
+@dataclass
+class Case:
+    """Arguments of one fa_fused call, in schema order, plus what the test needs to check the caches."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_norm_weight: torch.Tensor
+    k_norm_weight: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+    slot_mapping: Optional[torch.Tensor] = None
+    written_rows: list = field(default_factory=list)
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.q_norm_weight, self.k_norm_weight, self.cos, self.sin,
+                self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.positions, self.slot_mapping)
+
+    def clone(self) -> "Case":
+        cloned = {name: (value.clone() if isinstance(value, torch.Tensor) else value)
+                  for name, value in self.__dict__.items()}
+        return Case(**cloned)
+
+    def slots(self) -> torch.Tensor:
+        """The flat slot each row's new token goes to (-1: none)."""
+        if self.slot_mapping is not None:
+            return self.slot_mapping.long()
+        return default_slot_mapping(self.block_table, self.seq_lens, self.k_cache.shape[1])
+
+
+def make_case(seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+              cache_dtype=None, positions_offset: Optional[int] = 3, explicit_slots=False, skip_rows=(),
+              extra_blocks=3, max_position=None, seed=0) -> Case:
+    """A decode step over ragged ``seq_lens`` with a shuffled block table.
+
+    Blocks past a row's context are -1 in the table, so a kernel that reads them fails loudly.
+    ``positions_offset`` shifts RoPE positions away from ``seq_lens - 1`` (None: default positions);
+    ``skip_rows`` get slot -1 (implies explicit slots).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cache_dtype = cache_dtype or dtype
+    batch = len(seq_lens)
+    blocks_per_row = [math.ceil(n / block_size) for n in seq_lens]
+    max_blocks = max(blocks_per_row) + 1
+    num_blocks = sum(blocks_per_row) + extra_blocks
+    order = torch.randperm(num_blocks, generator=generator)
+    block_table = torch.full((batch, max_blocks), -1, dtype=torch.int32)
+    taken = 0
+    for row, count in enumerate(blocks_per_row):
+        block_table[row, :count] = order[taken:taken + count].int()
+        taken += count
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    positions = None
+    if positions_offset is not None:
+        positions = lens.long() - 1 + torch.randint(0, positions_offset + 1, (batch,), generator=generator)
+    max_position = max_position or int(max(seq_lens)) + (positions_offset or 0) + 8
+    cos, sin = rope_cos_sin(max_position, head_dim, rope_theta=1e6)
+    case = Case(
+        q=randn(batch, num_heads, head_dim),
+        k=randn(batch, num_kv_heads, head_dim),
+        v=randn(batch, num_kv_heads, head_dim),
+        q_norm_weight=torch.rand(head_dim, generator=generator) + 0.5,
+        k_norm_weight=torch.rand(head_dim, generator=generator) + 0.5,
+        cos=cos,
+        sin=sin,
+        k_cache=randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype),
+        v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype),
+        block_table=block_table,
+        seq_lens=lens,
+        positions=positions,
+    )
+    if explicit_slots or skip_rows:
+        slots = case.slots()
+        for row in skip_rows:
+            slots[row] = -1
+        case.slot_mapping = slots
+    case.written_rows = [row for row in range(batch) if row not in skip_rows]
+    return case
+
+
+def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+
+
+def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None):
+    """SPEC sections 1 and 4 in fp64, written from the contract (not from the eager fallback, whose own fp32
+    error grows with the logits). Returns (out [B, Hq, D] fp64, k_cache, v_cache after the write).
+
+    Per row: RMSNorm and rotate-half RoPE of q and k; k and v rounded once to the cache dtype and written
+    to the row's slot; then softmax(q . k_t * scale) over the row's seq_lens[b] cached tokens, which
+    include the new one as stored.
+    """
+    head_dim = case.q.shape[-1]
+    half = head_dim // 2
+    scale = head_dim ** -0.5 if scale is None else scale
+    positions = case.positions if case.positions is not None else case.seq_lens.long() - 1
+
+    def norm_and_rope(x, weight):
+        x = x.double()
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+        cos = case.cos[positions.long()].double().unsqueeze(1)
+        sin = case.sin[positions.long()].double().unsqueeze(1)
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    q = norm_and_rope(case.q, case.q_norm_weight)
+    k = norm_and_rope(case.k, case.k_norm_weight)
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    for row, slot in enumerate(case.slots().tolist()):
+        if slot >= 0:
+            flat_k[slot] = k[row].to(k_cache.dtype)
+            flat_v[slot] = case.v[row].to(v_cache.dtype)
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for row, seq_len in enumerate(case.seq_lens.tolist()):
+        tokens = torch.arange(seq_len)
+        slots = case.block_table[row, tokens // block_size].long() * block_size + tokens % block_size
+        keys = flat_k[slots].double().repeat_interleave(group, dim=1)      # [L, Hq, D]
+        values = flat_v[slots].double().repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[row], keys) * scale, dim=-1)
+        out[row] = torch.einsum("ht,thd->hd", weights, values)
+    return out, k_cache, v_cache
+
+
+def check_against_reference(result_case: Case, result_out: torch.Tensor, original: Case, eps: float = 1e-6,
+                            scale: Optional[float] = None) -> dict:
+    """The output of written rows and the whole caches against ``fp64_reference(original)``: the new slots
+    agree within SPEC 4's tolerance, every other byte is untouched; NaN/Inf must sit where the reference has
+    them. Returns the max abs errors over the finite values."""
+    expected_out, expected_k, expected_v = fp64_reference(original, eps, scale)
+    # A low-precision cache bounds the output's precision too, whatever q's dtype.
+    low_precision = result_out.dtype if result_out.dtype != torch.float32 else result_case.k_cache.dtype
+    tol = TOLERANCES[low_precision]
+    rows = result_case.written_rows
+    expected_rows = expected_out[rows].to(result_out.dtype).double()
+    torch.testing.assert_close(result_out[rows].double(), expected_rows, equal_nan=True, **tol)
+    slots = original.slots()[rows]
+    slots = slots[slots >= 0]
+
+    def max_error(actual, expected):
+        finite = torch.isfinite(actual) & torch.isfinite(expected)
+        return (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
+
+    errors = {"out": max_error(result_out[rows].double(), expected_rows)}
+    for name, expected in (("k_cache", expected_k), ("v_cache", expected_v)):
+        flat_result = getattr(result_case, name).flatten(0, 1)
+        flat_expected = expected.flatten(0, 1)
+        flat_original = getattr(original, name).flatten(0, 1)
+        # Cache values scale with the norm weights: fp32 gets a relative bound too.
+        cache_tol = TOLERANCES[flat_result.dtype] | ({"rtol": 1e-6} if flat_result.dtype == torch.float32 else {})
+        torch.testing.assert_close(flat_result[slots].double(), flat_expected[slots].double(), equal_nan=True,
+                                   **cache_tol)
+        assert not torch.equal(flat_result[slots], flat_original[slots]), f"{name}: new slots not written"
+        untouched = torch.ones(flat_result.shape[0], dtype=torch.bool)
+        untouched[slots] = False
+        assert_same_bytes(flat_result[untouched], flat_original[untouched])
+        errors[name] = max_error(flat_result[slots].double(), flat_expected[slots].double())
+    return errors
+
+
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU can run the attention kernel built for ``isa`` (the op refuses a forced one it can't)."""
+    flags = open("/proc/cpuinfo").read().split()
+    needed = {"generic": [], "avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
+    return all(flag in flags for flag in needed[isa])
+
+
+ISAS = ["generic", "avx2", "avx512"]
