@@ -68,3 +68,113 @@ def test_paged_cache_sizing_and_growth():
     assert growable.num_blocks > first and growable.seq_lens.tolist() == [3 + 4 * first]
     held = growable.layers[0].k_cache[growable.row_blocks[0]].flatten(0, 1)[:3, 0]
     torch.testing.assert_close(held, keys[0, 0], atol=0, rtol=0)
+
+
+def filled_cache(mask, block_size=2, seed=0):
+    """A one-layer cache after one step of ``mask.shape[1]`` tokens per row (mask: 1 real, 0 padding), the
+    keys it was given (values = -keys) and those keys as DynamicCache would hold them."""
+    batch, length = mask.shape
+    cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=16, block_size=block_size)
+    keys = torch.randn(batch, 2, length, 16, generator=torch.Generator().manual_seed(seed))
+    cache.begin_forward(batch, length, attention_mask=mask)
+    cache.update(keys, -keys, 0)
+    cache.end_forward()
+    return cache, keys
+
+
+# Right padding, mid padding, a row of padding only, all real.
+MASK = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+
+
+def test_keys_and_values_have_dynamic_cache_layout():
+    """layers[i].keys/.values: [B, Hkv, seen, D] as DynamicCache holds them, zeros where padding was."""
+    cache, keys = filled_cache(MASK)
+    stored = MASK.bool()
+    layer = cache.layers[0]
+    assert layer.keys.shape == keys.shape and layer.values.shape == keys.shape
+    assert cache.get_seq_length() == MASK.shape[1] and torch.equal(cache.stored_positions, stored)
+    assert cache.seq_lens.tolist() == MASK.sum(1).tolist()
+    expected = keys * stored[:, None, :, None]
+    torch.testing.assert_close(layer.keys, expected, atol=0, rtol=0)
+    torch.testing.assert_close(layer.values, -expected, atol=0, rtol=0)
+    assert layer.k_cache.shape[1:] == (2, 2, 16)      # the pool: [num_blocks, block_size, Hkv, D]
+
+
+@pytest.mark.parametrize("removed", [1, 2, 3, 6])
+def test_crop_drops_exactly_the_tokens_of_the_cropped_positions(removed):
+    """crop(-n) removes the last n seen positions: a row loses only the tokens stored there (none where
+    they were padding), and keeps only the blocks its remaining tokens need."""
+    cache, keys = filled_cache(MASK)
+    cache.crop(-removed)
+    keep = MASK.shape[1] - removed
+    stored = MASK[:, :keep].bool()
+    assert cache.get_seq_length() == keep and torch.equal(cache.stored_positions, stored)
+    assert cache.seq_lens.tolist() == stored.sum(1).tolist()
+    assert [len(blocks) for blocks in cache.row_blocks] == [-(-n // 2) for n in stored.sum(1).tolist()]
+    torch.testing.assert_close(cache.layers[0].keys, keys[:, :, :keep] * stored[:, None, :, None], atol=0, rtol=0)
+    # The next token lands right after each row's kept tokens.
+    new = torch.randn(4, 2, 1, 16)
+    plan = cache.begin_forward(4, 1, attention_mask=torch.cat((stored, torch.ones(4, 1, dtype=torch.bool)), 1))
+    cache.update(new, -new, 0)
+    cache.end_forward()
+    assert plan.seq_lens.tolist() == (stored.sum(1) + 1).tolist()
+    torch.testing.assert_close(cache.layers[0].keys[:, :, -1], new[:, :, 0], atol=0, rtol=0)
+
+
+def test_free_rows_keeps_the_counts_it_reports():
+    """A freed row holds no token; its positions stay seen, as padding, and a mask that calls them real is
+    refused (stock would attend to tokens this cache no longer has)."""
+    cache, keys = filled_cache(MASK)
+    free_before = cache.num_free_blocks
+    cache.free_rows([1, 1])
+    assert cache.num_free_blocks == free_before + 2 and cache.row_blocks[1] == []
+    assert cache.seq_lens.tolist() == [4, 0, 0, 6] and cache.get_seq_length() == 6
+    assert not cache.stored_positions[1].any()
+    assert not cache.layers[0].keys[1].any()
+    with pytest.raises(IndexError, match="row 4"):
+        cache.free_rows([0, 4])
+    assert cache.seq_lens.tolist() == [4, 0, 0, 6]      # nothing freed by the refused call
+    old_positions_real = torch.cat((cache.stored_positions, torch.ones(4, 1, dtype=torch.bool)), 1)
+    old_positions_real[1] = True
+    with pytest.raises(ValueError, match="attention_mask marks position 0 of row 1"):
+        cache.begin_forward(4, 1, attention_mask=old_positions_real)
+    with pytest.raises(ValueError, match="attention_mask is None"):
+        cache.begin_forward(4, 1)
+    assert cache.current_plan is None and cache.seq_lens.tolist() == [4, 0, 0, 6]
+    plan = cache.begin_forward(4, 1, attention_mask=torch.cat((cache.stored_positions, torch.ones(4, 1)), 1))
+    assert plan.mask_matches_cache and plan.seq_lens.tolist() == [5, 1, 1, 7]
+
+
+def test_mask_hiding_stored_tokens_is_not_fused():
+    """A mask that hides a stored token asks for what the paged decode (which reads every stored token)
+    cannot give: the plan says so, and the patched model takes the stock path."""
+    cache, _ = filled_cache(MASK)
+    hide = torch.cat((MASK, torch.ones(4, 1, dtype=MASK.dtype)), 1)
+    hide[3, 0] = 0
+    assert not cache.begin_forward(4, 1, attention_mask=hide).mask_matches_cache
+
+
+def test_deepcopy_is_independent():
+    cache, keys = filled_cache(MASK)
+    copied = copy.deepcopy(cache)
+    assert all(layer._cache() is copied for layer in copied.layers)
+    copied.crop(-3)
+    new = torch.randn(4, 2, 1, 16)
+    copied.begin_forward(4, 1, attention_mask=torch.cat((copied.stored_positions, torch.ones(4, 1, dtype=torch.bool)), 1))
+    copied.update(new, -new, 0)
+    copied.end_forward()
+    assert cache.get_seq_length() == 6 and cache.seq_lens.tolist() == MASK.sum(1).tolist()
+    torch.testing.assert_close(cache.layers[0].keys, keys * MASK.bool()[:, None, :, None], atol=0, rtol=0)
+    torch.testing.assert_close(copied.layers[0].keys[:, :, -1], new[:, :, 0], atol=0, rtol=0)
+
+
+def test_growable_pool_with_an_initial_size():
+    cache = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, block_size=2, num_blocks=1, growable=True)
+    cache.begin_forward(1, 5)
+    cache.end_forward()
+    assert cache.num_blocks >= 3 and cache.seq_lens.tolist() == [5]
+    with pytest.raises(ValueError, match="max_memory"):
+        PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, max_memory=1 << 20, growable=True)
+    fixed = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, block_size=2, num_blocks=1)
+    with pytest.raises(OutOfBlocksError):
+        fixed.begin_forward(1, 5)
