@@ -62,9 +62,9 @@ class _PatchedMethod:
     its original method and the copy's handle (a closure would keep computing with the original's weights).
     """
 
-    def __init__(self, handle: "PatchHandle", method: str, owner, original):
-        self.handle, self.method, self.owner, self.original = handle, method, owner, original
-        self.__doc__ = f"torch_qwen_fused.hf patched {type(owner).__name__}.{original.__name__}"
+    def __init__(self, handle: "PatchHandle", method: str, owner, name: str):
+        self.handle, self.method, self.owner, self.original = handle, method, owner, getattr(owner, name)
+        self.__doc__ = f"torch_qwen_fused.hf patched {type(owner).__name__}.{name}"
 
     @property
     def _torch_qwen_fused_patch(self) -> "PatchHandle":
@@ -105,6 +105,7 @@ class PatchHandle:
         self._rope_type, self._rope_theta = _rope_settings(model.config.get_text_config(decoder=True))
 
     def __deepcopy__(self, memo):
+        """Reached through the copied model's hooks and patched methods: the copy's handle, on its modules."""
         copied = PatchHandle.__new__(PatchHandle)
         memo[id(self)] = copied
         for name, value in self.__dict__.items():
@@ -179,7 +180,7 @@ class PatchHandle:
 
     def _install(self, owner, name, method):
         self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
-        setattr(owner, name, _PatchedMethod(self, method, owner, getattr(owner, name)))
+        setattr(owner, name, _PatchedMethod(self, method, owner, name))
 
     def remove(self) -> None:
         """Restores the stock behaviour exactly (the original bound methods, no hooks). Idempotent."""
