@@ -2,7 +2,9 @@
 
 Tiny random configs built here (no hub downloads), all on the CPU: the stock model (attn_implementation="sdpa")
 and the patched one share their weights, and must give the same tokens and (fp32) logits within 1e-4 at every
-step, with every decode step of every layer going through ``torch.ops.qwen.fa_fused``.
+step, with every decode step of every layer going through ``torch.ops.qwen.fa_fused``. The second half covers
+the other paths HF users take (assisted decoding, attention outputs, deep copies, casts, gradients, cache
+reuse, freed rows), each against stock on the same inputs, cache contents included.
 """
 
 import copy
