@@ -2,9 +2,12 @@
 
 Tiny random configs built here (no hub downloads), all on the CPU: the stock model (attn_implementation="sdpa")
 and the patched one share their weights, and must give the same tokens and (fp32) logits within 1e-4 at every
-step, with every decode step of every layer going through ``torch.ops.qwen.fa_fused``.
+step, with every decode step of every layer going through ``torch.ops.qwen.fa_fused``. The second half covers
+the other paths HF users take (assisted decoding, attention outputs, deep copies, casts, gradients, cache
+reuse, freed rows), each against stock on the same inputs, cache contents included.
 """
 
+import copy
 import functools
 
 import pytest
@@ -113,6 +116,17 @@ def max_logit_diff(a, b):
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a.logits, b.logits))
 
 
+def assert_cache_matches_stock(paged, dynamic):
+    """HF's view of the paged cache (layers[i].keys/.values, [B, Hkv, seen, D]) is the DynamicCache's at
+    every stored position, and zero where padding was never stored."""
+    assert paged.get_seq_length() == dynamic.get_seq_length()
+    stored = paged.stored_positions[:, None, :, None]
+    for ours, theirs in zip(paged.layers, dynamic.layers, strict=True):
+        for mine, stock in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            assert mine.shape == stock.shape
+            torch.testing.assert_close(mine, stock * stored, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", list(PROMPTS))
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=lambda l: "x".join(map(str, l)))
@@ -155,6 +169,8 @@ def test_cache_holds_roped_real_tokens_only():
             stock_values = stock.cache.layers[layer_idx].values[row][:, real[row]].transpose(0, 1)
             torch.testing.assert_close(keys, stock_keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(values, stock_values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.stored_positions, real)
+    assert_cache_matches_stock(cache, stock.cache)
 
 
 def test_sampling_matches_stock():
@@ -373,59 +389,257 @@ def test_out_of_blocks_is_clear_and_other_rows_go_on():
         torch.testing.assert_close(step_logits[0], reference[9 + step], atol=FP32_TOL, rtol=0)
 
 
-def test_paged_cache_allocator_free_and_reuse():
-    cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=16, block_size=4, num_blocks=6)
+# ---------------------------------------------------------------------------------------------------------------
+# Every path HF users take: assisted decoding, attention outputs, deep copies, casts, gradients, cache reuse.
 
-    def step(batch, length, **kwargs):
-        plan = cache.begin_forward(batch, length, **kwargs)
-        cache.end_forward()
-        return plan
-
-    plan = step(2, 6)                         # rows of 6 tokens: 2 blocks each
-    assert cache.row_blocks == [[0, 1], [2, 3]] and cache.num_free_blocks == 2
-    assert plan.slots[1].tolist() == [8, 9, 10, 11, 12, 13]
-    # A step that never commits (its forward raised) is undone by the next one.
-    cache.begin_forward(2, 3)
-    assert cache.num_free_blocks == 0
-    step(2, 2)
-    assert cache.seq_lens.tolist() == [8, 8] and cache.num_free_blocks == 2 and cache.get_seq_length() == 8
-    step(2, 1)                                # 9 tokens: the last 2 blocks
-    with pytest.raises(OutOfBlocksError, match="needs 2 more block"):
-        cache.begin_forward(2, 4)
-    assert cache.seq_lens.tolist() == [9, 9] and cache.current_plan is None
-    old_row0 = set(cache.row_blocks[0])
-    cache.free_rows([0])
-    assert cache.seq_lens.tolist() == [0, 9] and cache.num_free_blocks == 3
-    step(2, 4)                                # row 0 starts over in freed blocks, row 1 takes one too
-    assert cache.seq_lens.tolist() == [4, 13]
-    assert set(cache.row_blocks[0]) | {cache.row_blocks[1][3]} <= old_row0
-    # Padding is not stored: the left-padded row gets only its 2 real tokens.
-    cache.reset()
-    assert cache.num_free_blocks == 6 and cache.get_seq_length() == 0
-    plan = step(2, 3, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
-    assert cache.seq_lens.tolist() == [3, 2] and plan.slots[1, 0] == -1
+ASSISTED_MASKS = {"left": [0, 0, 1, 1, 1, 1, 1, 1], "right": [1, 1, 1, 1, 1, 1, 0, 0], "mid": [1, 1, 1, 0, 0, 1, 1, 1]}
 
 
-def test_paged_cache_sizing_and_growth():
-    cache = PagedKVCache(num_layers=3, num_kv_heads=2, head_dim=16, block_size=8,
-                         max_memory=10 * 2 * 3 * 8 * 2 * 16 * 2, dtype=torch.bfloat16)
-    cache.begin_forward(1, 5)
-    cache.end_forward()
-    assert cache.num_blocks == 10 and cache.layers[2].k_cache.shape == (10, 8, 2, 16)
-    assert cache.layers[0].v_cache.dtype == torch.bfloat16
-    with pytest.raises(RuntimeError, match="patch_model"):
-        cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
-    with pytest.raises(ValueError, match="not both"):
-        PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, num_blocks=2, max_memory=1 << 20)
-    # Without num_blocks/max_memory the pool grows, keeping what it holds.
-    growable = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, block_size=2)
-    growable.begin_forward(1, 3)
-    keys = torch.randn(1, 1, 3, 16)
-    growable.update(keys, -keys, 0)
-    growable.end_forward()
-    first = growable.num_blocks
-    growable.begin_forward(1, 4 * first)
-    growable.end_forward()
-    assert growable.num_blocks > first and growable.seq_lens.tolist() == [3 + 4 * first]
-    held = growable.layers[0].k_cache[growable.row_blocks[0]].flatten(0, 1)[:3, 0]
-    torch.testing.assert_close(held, keys[0, 0], atol=0, rtol=0)
+@functools.lru_cache(maxsize=None)
+def drafting_model(layout, attn_implementation):
+    """A model that, as an assistant, drafts 3 tokens per round whatever its confidence (a random model's is
+    low: it would draft one token per round, which its prefill gives, and never decode)."""
+    torch.manual_seed(len(layout) + layout[0])
+    model = finish(Qwen3ForCausalLM(Qwen3Config(**qwen3_config(layout, attn_implementation))), torch.float32)
+    model.generation_config.update(assistant_confidence_threshold=0.0, num_assistant_tokens=3,
+                                   num_assistant_tokens_schedule="constant")
+    return model
+
+
+@pytest.mark.parametrize("padding", list(ASSISTED_MASKS))
+@pytest.mark.parametrize("assistant", ["same", "other"])
+def test_assisted_decoding_matches_stock(assistant, padding):
+    """The main model verifies several drafted tokens per step (stock path) and crops the rejected ones; the
+    draft model crops its cache back into the prompt's padding each round, then decodes (fused)."""
+    model = drafting_model(HEAD_LAYOUTS[0], "eager")
+    draft = model if assistant == "same" else drafting_model(HEAD_LAYOUTS[1], "sdpa")
+    mask = torch.tensor([ASSISTED_MASKS[padding]])
+    ids = torch.randint(1, VOCAB, mask.shape, generator=torch.Generator().manual_seed(3)).masked_fill(mask == 0, 0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                  assistant_model=draft, return_dict_in_generate=True, output_scores=True)
+    stock = model.generate(**kwargs)
+    with patch_model(model, block_size=4), patch_model(draft, block_size=4) as draft_handle:
+        fused = model.generate(**kwargs)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert len(fused.scores) == len(stock.scores)
+    assert max((a - b).abs().max().item() for a, b in zip(fused.scores, stock.scores)) <= FP32_TOL
+    assert isinstance(fused.cache, PagedKVCache)
+    assert_cache_matches_stock(fused.cache, stock.cache)
+    assert draft_handle.fused_calls > 0
+
+
+def attention_steps(model, cache, steps=3, **kwargs):
+    """Prefill of the padded prompts, then ``steps`` greedy decode steps: (logits, attentions) of each."""
+    ids, mask = prompts("padded")
+    outputs, new = [], ids.shape[1]
+    for _ in range(steps + 1):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            out = model(input_ids=ids[:, -new:], attention_mask=mask, position_ids=positions[:, -new:], cache=cache,
+                        use_cache=True, **kwargs)
+        outputs.append((out.logits[:, -1], out.attentions))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask, new = torch.cat((ids, token), 1), torch.cat((mask, torch.ones_like(token)), 1), 1
+    return outputs
+
+
+def assert_attentions_match(fused, stock):
+    """Per step and layer, the same [B, H, q, seen + q] weights as stock (zero on padding, as stock's)."""
+    assert fused is not None and len(fused) == len(stock)
+    for fused_step, stock_step in zip(fused, stock, strict=True):
+        assert len(fused_step) == len(stock_step) == LAYERS
+        for ours, theirs in zip(fused_step, stock_step):
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("requested", ["kwarg", "config"])
+def test_forward_attentions_match_stock(requested):
+    """output_attentions as a kwarg or in the config: each decode step takes the stock path, with stock's
+    attention layout over every seen position."""
+    model = qwen3_model(HEAD_LAYOUTS[0], attn_implementation="eager")
+    kwargs = {"output_attentions": True} if requested == "kwarg" else {}
+    model.config.output_attentions = requested == "config"
+    try:
+        stock = attention_steps(model, DynamicCache(config=model.config), **kwargs)
+        with patch_model(model, block_size=4) as handle:
+            fused = attention_steps(model, PagedKVCache(model.config, block_size=4), **kwargs)
+    finally:
+        model.config.output_attentions = False
+    assert handle.fused_calls == 0
+    for (fused_logits, fused_attentions), (stock_logits, stock_attentions) in zip(fused, stock, strict=True):
+        torch.testing.assert_close(fused_logits, stock_logits, atol=FP32_TOL, rtol=0)
+        assert_attentions_match([fused_attentions], [stock_attentions])
+    assert stock[-1][1][0].shape[-2:] == (1, prompts("padded")[0].shape[1] + 3)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_attentions_match_stock(num_beams):
+    model = qwen3_model(HEAD_LAYOUTS[0], attn_implementation="eager")
+    stock = generate(model, "padded", new_tokens=4, num_beams=num_beams, output_attentions=True)
+    with patch_model(model, block_size=4) as handle:
+        fused = generate(model, "padded", new_tokens=4, num_beams=num_beams, output_attentions=True)
+        plain = generate(model, "padded", new_tokens=4, num_beams=num_beams)
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert_attentions_match(fused.attentions, stock.attentions)
+    assert plain.attentions is None and torch.equal(plain.sequences, stock.sequences)
+    assert handle.fused_calls == 3 * LAYERS    # the run without attentions only
+
+
+def test_deepcopy_of_a_patched_model_is_patched_with_its_own_weights():
+    """As TRL's create_reference_model does: the copy decodes fused with its own weights, by its own handle."""
+    layout = HEAD_LAYOUTS[0]
+    torch.manual_seed(0)
+    model = finish(Qwen3ForCausalLM(Qwen3Config(**qwen3_config(layout))), torch.float32)  # qwen3_model's weights
+    handle = patch_model(model, block_size=4)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.neg_()                # a copy computing with the original's weights would show it
+    copy_handle = patch_model(copied, block_size=4)
+    assert copy_handle is not handle and copy_handle.active
+    assert all(layer.self_attn.forward._torch_qwen_fused_patch is copy_handle for layer in copied.model.layers)
+    fused = generate(copied, "padded")
+    stock = stock_run(layout, "padded")
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    assert copy_handle.fused_calls == (NEW_TOKENS - 1) * LAYERS and handle.fused_calls == 0
+    copy_handle.remove()
+    assert all("forward" not in layer.self_attn.__dict__ for layer in copied.model.layers)
+    assert "_prepare_cache_for_generation" not in copied.__dict__
+    assert not copied.model._forward_pre_hooks and not copied.model._forward_hooks
+    assert handle.active and all("forward" in layer.self_attn.__dict__ for layer in model.model.layers)
+    handle.remove()
+
+
+def test_cast_after_patch_follows_the_model():
+    """patch_model, then model.to(bfloat16): caches in bf16, RoPE tables from the cast model's inv_freq."""
+    torch.manual_seed(0)
+    model = finish(Qwen3ForCausalLM(Qwen3Config(**qwen3_config(HEAD_LAYOUTS[0]))), torch.float32)
+    handle = patch_model(model, block_size=4)
+    model.to(torch.bfloat16)
+    with handle:
+        with pytest.warns(UserWarning, match="rotary embedding differs"):
+            fused = generate(model, "padded")
+    assert fused.cache.layers[0].k_cache.dtype == torch.bfloat16 == fused.cache.layers[0].keys.dtype
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+    width = prompts("padded")[0].shape[1]
+    forced = fused.sequences[:, width:].tolist()
+    stock = generate(model, "padded", prefix_allowed_tokens_fn=lambda row, seq: [forced[row][seq.shape[0] - width]])
+    assert torch.equal(fused.sequences, stock.sequences)
+    scale = max(x.float().abs().max().item() for x in stock.logits)
+    assert max_logit_diff(fused, stock) <= 0.05 * scale
+
+
+def test_patch_model_rejects_none():
+    with pytest.raises(TypeError, match="patch_model: model must be .* got NoneType"):
+        patch_model(None)
+
+
+def test_meta_model_patches_without_reading_values():
+    """A model built on the meta device patches (nothing is read from its tensors); once materialized and
+    loaded, it decodes fused, on the device and in the dtype it then has."""
+    layout = HEAD_LAYOUTS[0]
+    real = qwen3_model(layout)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**qwen3_config(layout)))
+    with patch_model(model, block_size=4) as handle:
+        model.to_empty(device="cpu")
+        model.load_state_dict(real.state_dict())
+        with torch.no_grad():
+            for name in ("inv_freq", "original_inv_freq"):   # buffers outside the state dict
+                getattr(model.model.rotary_emb, name).copy_(getattr(real.model.rotary_emb, name))
+        model.generation_config.update(eos_token_id=None, pad_token_id=0)
+        fused = generate(model.eval(), "padded")
+    stock = stock_run(layout, "padded")
+    assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+
+
+def test_forward_under_grad_takes_the_stock_path():
+    """fa_fused is inference-only: a decode forward outside torch.no_grad (the parameters require grad, as
+    loaded) runs stock code, with stock's logits and gradients; generate() (under no_grad) still fuses."""
+    model = qwen3_model(HEAD_LAYOUTS[0])
+    ids, mask = prompts("padded")
+    token = torch.randint(1, VOCAB, (ids.shape[0], 1), generator=torch.Generator().manual_seed(9))
+    grown = torch.cat((mask, torch.ones_like(token)), 1)
+    position = grown.sum(-1, keepdim=True) - 1
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    results = []
+    with patch_model(model, block_size=4) as handle:
+        for cache in (DynamicCache(config=model.config), PagedKVCache(model.config, block_size=4)):
+            forward_step(model, cache, ids, mask, ids.shape[1])        # prefill under no_grad
+            assert torch.is_grad_enabled() and weight.requires_grad
+            logits = model(input_ids=token, attention_mask=grown, position_ids=position, cache=cache,
+                           use_cache=True).logits
+            logits.square().mean().backward()
+            results.append((logits.detach(), weight.grad.clone()))
+            model.zero_grad(set_to_none=True)
+        assert handle.fused_calls == 0
+        generate(model, "single", new_tokens=3)
+        assert handle.fused_calls == 2 * LAYERS
+    (paged_logits, paged_grad), (stock_logits, stock_grad) = results[1], results[0]
+    torch.testing.assert_close(paged_logits, stock_logits, atol=FP32_TOL, rtol=0)
+    torch.testing.assert_close(paged_grad, stock_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_reused_by_a_second_generate():
+    """generate() continued from the cache a first generate() returned: the paged pool grows past the size
+    the first call gave it, the continuation prefill reads it (stock path), then decodes fused."""
+    model = qwen3_model(HEAD_LAYOUTS[0])
+    _, mask = prompts("padded")
+    more = torch.randint(1, VOCAB, (mask.shape[0], 3), generator=torch.Generator().manual_seed(4))
+
+    def twice():
+        first = generate(model, "padded", new_tokens=4)
+        ids = torch.cat((first.sequences, more), 1)
+        grown = torch.cat((mask, torch.ones(mask.shape[0], ids.shape[1] - mask.shape[1], dtype=mask.dtype)), 1)
+        second = model.generate(input_ids=ids, attention_mask=grown, cache=first.cache, max_new_tokens=4,
+                                do_sample=False, return_dict_in_generate=True, output_logits=True)
+        return first, second
+
+    stock = twice()
+    with patch_model(model, block_size=4) as handle:
+        fused = twice()
+    for ours, theirs in zip(fused, stock):
+        assert torch.equal(ours.sequences, theirs.sequences)
+        assert max_logit_diff(ours, theirs) <= FP32_TOL
+    assert fused[1].cache is fused[0].cache
+    assert_cache_matches_stock(fused[1].cache, stock[1].cache)
+    assert handle.fused_calls == 2 * 3 * LAYERS
+
+
+def test_freed_row_restarts_as_a_left_padded_row():
+    """A serving loop outside generate(): row 1 finishes and is freed, a new prompt starts in it while row 0
+    goes on. The freed row's old positions are padding in the mask; stock, given the same inputs with a
+    DynamicCache (which keeps the old tokens, masked), gives the same logits at every step."""
+    model = qwen3_model(HEAD_LAYOUTS[0])
+    generator = torch.Generator().manual_seed(12)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    prompt = torch.randint(1, VOCAB, (1, 3), generator=generator)
+    paged, dynamic = PagedKVCache(model.config, block_size=4), DynamicCache(config=model.config)
+    with patch_model(model) as handle:
+        def step(ids, mask, new):
+            fused = forward_step(model, paged, ids, mask, new)
+            torch.testing.assert_close(fused, forward_step(model, dynamic, ids, mask, new), atol=FP32_TOL, rtol=0)
+            token = fused.argmax(-1, keepdim=True)
+            return torch.cat((ids, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
+
+        ids, mask = step(ids, mask, ids.shape[1])
+        for _ in range(2):
+            ids, mask = step(ids, mask, 1)
+        paged.free_rows([1])
+        assert paged.seq_lens.tolist() == [8, 0] and paged.get_seq_length() == 8
+        # One 3-token step: row 0's next token after 2 padding slots, row 1's new prompt after its old positions.
+        chunk = torch.cat((torch.cat((torch.zeros(1, 2, dtype=ids.dtype), ids[:1, -1:]), 1), prompt))
+        chunk_mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+        ids = torch.cat((ids[:, :-1], chunk), 1)
+        mask = torch.cat((torch.stack((mask[0, :-1], torch.zeros_like(mask[1, :-1]))), chunk_mask), 1)
+        ids, mask = step(ids, mask, 3)
+        assert paged.seq_lens.tolist() == [9, 3]
+        for _ in range(3):
+            ids, mask = step(ids, mask, 1)
+        assert paged.seq_lens.tolist() == [12, 6]
+        assert handle.fused_calls == (2 + 3) * LAYERS

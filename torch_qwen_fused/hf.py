@@ -2,23 +2,28 @@
 
 ``patch_model(model)`` rebinds ``forward`` on *that* model's attention modules (the class, and every other
 instance, stay stock), hooks its base model to plan each step in a ``PagedKVCache``, and makes its plain
-``generate()`` use a ``PagedKVCache``. Then:
+``generate()`` use a ``PagedKVCache``. Then, with a ``PagedKVCache``:
 
-* prefill (several tokens per row) runs the stock attention code (q/k norm, RoPE, the model's causal +
-  padding mask, its attention implementation); the cache's ``update`` writes the real tokens' normed, roped
-  K and raw V into the paged cache, one vectorized write per layer, and drops the padding;
-* each decode step (one new real token per row) of each layer is one ``torch.ops.qwen.fa_fused`` call: qk-norm,
-  RoPE at HF's ``position_ids``, the cache write and paged GQA attention over the row's real tokens, then the
-  stock ``o_proj``.
+* each decode step (one new real token per row, a mask that sees exactly the cached tokens) of each layer
+  is one ``torch.ops.qwen.fa_fused`` call: qk-norm, RoPE at HF's ``position_ids``, the cache write and paged
+  GQA attention over the row's real tokens, then the stock ``o_proj``;
+* every other step runs the stock attention code (q/k norm, RoPE, the model's own mask and attention
+  implementation): prefill and its chunks, assisted decoding's verification of several tokens, and any step
+  that needs what the op does not give: attention weights (``output_attentions`` as a kwarg or in the
+  config), dropout, gradients (the op is inference-only). The cache's ``update`` writes the real tokens'
+  normed, roped K and raw V into the pools (padding is dropped) and returns the seen positions in
+  ``DynamicCache``'s layout, so stock's masks and attention weights come out as stock's.
 
 Any other cache (``DynamicCache``, ``StaticCache``, none) runs the stock forward untouched.
 """
 
+import copy
 import warnings
 import weakref
 from typing import Optional
 
 import torch
+from transformers.utils.output_capturing import _active_collector
 
 from . import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
 from .ops import rope_cos_sin
@@ -26,7 +31,15 @@ from .paged_cache import BlockAllocator, OutOfBlocksError, PagedKVCache
 
 __all__ = ["patch_model", "PatchHandle", "PagedKVCache", "OutOfBlocksError", "BlockAllocator"]
 
-_MISSING = object()
+
+class _Missing:
+    """Marks an attribute that was not in an instance ``__dict__``; one object, which copies keep."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 _HANDLES = weakref.WeakKeyDictionary()          # model -> its active PatchHandle
 _PATCHED_MODULES = weakref.WeakKeyDictionary()  # attention module -> the PatchHandle that patched it
 _ROPE_CHECK_POSITIONS = 2048
@@ -42,6 +55,25 @@ def _qwen3_classes():
             (modeling_qwen3.Qwen3Model, modeling_qwen3_moe.Qwen3MoeModel))
 
 
+class _PatchedMethod:
+    """What ``patch_model`` puts in an instance ``__dict__``: calls ``handle.<method>(owner, original, ...)``.
+
+    An object, not a closure, so that ``copy.deepcopy`` of a patched model rebinds it to the copy's owner,
+    its original method and the copy's handle (a closure would keep computing with the original's weights).
+    """
+
+    def __init__(self, handle: "PatchHandle", method: str, owner, name: str):
+        self.handle, self.method, self.owner, self.original = handle, method, owner, getattr(owner, name)
+        self.__doc__ = f"torch_qwen_fused.hf patched {type(owner).__name__}.{name}"
+
+    @property
+    def _torch_qwen_fused_patch(self) -> "PatchHandle":
+        return self.handle
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.handle, self.method)(self.owner, self.original, *args, **kwargs)
+
+
 class PatchHandle:
     """What ``patch_model`` returns: undo it with ``remove()`` or by leaving a ``with`` block.
 
@@ -51,6 +83,9 @@ class PatchHandle:
         block_size, num_blocks, max_memory: how the caches that ``generate()`` builds are sized (see
             ``new_cache``).
         last_cache: the last ``PagedKVCache`` the patched ``generate()`` built (held weakly), or None.
+
+    A deep copy of a patched model (``copy.deepcopy``, TRL's ``create_reference_model``) is patched by its own
+    copy of the handle, with its own weights; ``patch_model(copy)`` returns that handle.
     """
 
     def __init__(self, model, base, attentions, block_size, num_blocks, max_memory):
@@ -63,12 +98,24 @@ class PatchHandle:
         self._hooks = []
         self._last_cache = None
         self._active = False
+        # RoPE tables, rebuilt whenever the model's inv_freq buffer is another tensor (model.to(...)) or changed.
         self._cos = self._sin = None
-        first = attentions[0]
-        self.head_dim = first.head_dim
-        self._dtype = first.k_proj.weight.dtype
-        self._device = first.k_proj.weight.device
+        self._rope_inv_freq, self._rope_version = None, None
+        self.head_dim = attentions[0].head_dim
         self._rope_type, self._rope_theta = _rope_settings(model.config.get_text_config(decoder=True))
+
+    def __deepcopy__(self, memo):
+        """Reached through the copied model's hooks and patched methods: the copy's handle, on its modules."""
+        copied = PatchHandle.__new__(PatchHandle)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+        copied._last_cache = None
+        if copied._active:
+            _HANDLES[copied.model] = copied
+            for module in copied._attentions:
+                _PATCHED_MODULES[module] = copied
+        return copied
 
     def _configure(self, block_size, num_blocks, max_memory):
         if not isinstance(block_size, int) or block_size < 1:
@@ -85,6 +132,11 @@ class PatchHandle:
     def last_cache(self) -> Optional[PagedKVCache]:
         return self._last_cache() if self._last_cache is not None else None
 
+    @property
+    def _weight(self) -> torch.Tensor:
+        """A projection weight: the model's dtype and device now (read at each use, as the model may be cast)."""
+        return self._attentions[0].k_proj.weight
+
     def __repr__(self):
         return (f"PatchHandle({type(self.model).__name__}, {len(self._attentions)} attention modules, "
                 f"active={self._active}, fused_calls={self.fused_calls}, block_size={self.block_size})")
@@ -97,38 +149,38 @@ class PatchHandle:
         return False
 
     def new_cache(self, batch_size: Optional[int] = None, max_length: Optional[int] = None) -> PagedKVCache:
-        """A ``PagedKVCache`` for this model, in its dtype and on its device.
+        """A ``PagedKVCache`` for this model, in its dtype and on its device (as they are now).
 
-        With ``num_blocks``/``max_memory`` given to ``patch_model`` the pool has that size; otherwise, given
-        ``batch_size`` and ``max_length`` (tokens per row, padding included), exactly
-        ``batch_size * ceil(max_length / block_size)`` blocks (enough: padding is never stored); otherwise
-        a pool that grows as needed.
+        With ``num_blocks``/``max_memory`` given to ``patch_model`` the pool has that fixed size. Otherwise it
+        grows as needed (as a ``DynamicCache`` does: assisted decoding's draft cache and a cache passed to a
+        later ``generate()`` outlive the call that built them), starting, given ``batch_size`` and
+        ``max_length`` (tokens per row, padding included), at exactly ``batch_size * ceil(max_length /
+        block_size)`` blocks (enough for the call: padding is never stored).
         """
+        fixed = self.num_blocks is not None or self.max_memory is not None
         num_blocks = self.num_blocks
-        if num_blocks is None and self.max_memory is None and batch_size and max_length:
+        if not fixed and batch_size and max_length:
             num_blocks = batch_size * -(-max_length // self.block_size)
+        weight = self._weight
         cache = PagedKVCache(self.model.config, block_size=self.block_size, num_blocks=num_blocks,
-                             max_memory=self.max_memory, dtype=self._dtype, device=self._device)
+                             max_memory=self.max_memory, dtype=weight.dtype, device=weight.device, growable=not fixed)
         self._last_cache = weakref.ref(cache)
         return cache
 
     # ------------------------------------------------------------------ patching
     def _apply(self):
         for module in self._attentions:
-            original = module.forward
-            self._save(module, "forward")
-            module.forward = self._make_forward(module, original)
+            self._install(module, "forward", "_attention_forward")
             _PATCHED_MODULES[module] = self
         self._hooks.append(self._base.register_forward_pre_hook(self._begin_step, with_kwargs=True))
         self._hooks.append(self._base.register_forward_hook(self._end_step, with_kwargs=True))
         if hasattr(self.model, "_prepare_cache_for_generation"):
-            self._save(self.model, "_prepare_cache_for_generation")
-            self.model._prepare_cache_for_generation = self._make_prepare_cache(
-                self.model._prepare_cache_for_generation)
+            self._install(self.model, "_prepare_cache_for_generation", "_prepare_cache")
         self._active = True
 
-    def _save(self, obj, name):
-        self._saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+    def _install(self, owner, name, method):
+        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, _PatchedMethod(self, method, owner, name))
 
     def remove(self) -> None:
         """Restores the stock behaviour exactly (the original bound methods, no hooks). Idempotent."""
@@ -149,24 +201,19 @@ class PatchHandle:
         if _HANDLES.get(self.model) is self:
             del _HANDLES[self.model]
 
-    def _make_prepare_cache(self, original):
+    def _prepare_cache(self, model, original, generation_config, model_kwargs, generation_mode, batch_size,
+                       max_cache_length):
+        """``generate()``'s cache set-up: a ``PagedKVCache`` where stock would build its default ``DynamicCache``."""
         from transformers.cache_utils import DynamicCache
 
-        handle = self
-
-        def _prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
-                                          max_cache_length):
-            result = original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-            cache = model_kwargs.get("cache")
-            if (handle._active and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
-                    and not getattr(cache, "offloading", False)
-                    and generation_config.cache_implementation in (None, "dynamic")):
-                rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-                model_kwargs["cache"] = handle.new_cache(rows, max_cache_length)
-            return result
-
-        _prepare_cache_for_generation._torch_qwen_fused_patch = self
-        return _prepare_cache_for_generation
+        result = original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        cache = model_kwargs.get("cache")
+        if (self._active and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                and not getattr(cache, "offloading", False)
+                and generation_config.cache_implementation in (None, "dynamic")):
+            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            model_kwargs["cache"] = self.new_cache(rows, max_cache_length)
+        return result
 
     # ------------------------------------------------------------------ per step (hooks on the base model)
     def _begin_step(self, module, args, kwargs):
@@ -179,8 +226,9 @@ class PatchHandle:
             return None
         tokens = given.get("input_ids")
         tokens = tokens if tokens is not None else given.get("inputs_embeds")
+        weight = self._weight
         plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
-                                   position_ids=given.get("position_ids"), dtype=self._dtype, device=self._device)
+                                   position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device)
         self._ensure_rope(int(plan.positions.max()) + 1)
         return None
 
@@ -193,63 +241,67 @@ class PatchHandle:
         return None
 
     def _ensure_rope(self, positions: int):
-        """fp32 rotate-half tables covering ``positions``: the model's own rotary embedding, evaluated once."""
-        if self._cos is not None and self._cos.shape[0] >= positions:
+        """fp32 rotate-half tables covering ``positions``: the model's own rotary embedding, evaluated once per
+        inv_freq buffer (a cast or a move of the model replaces it, and the tables follow)."""
+        inv_freq = self._base.rotary_emb.inv_freq
+        same_source = self._rope_inv_freq is inv_freq and self._rope_version == inv_freq._version
+        if same_source and self._cos.shape[0] >= positions:
             return
-        size = max(positions, _MIN_ROPE_TABLE, 2 * (self._cos.shape[0] if self._cos is not None else 0))
-        self._cos, self._sin = self._model_rope(size)
+        size = max(positions, _MIN_ROPE_TABLE, 2 * self._cos.shape[0] if same_source else 0)
+        self._cos, self._sin = self._model_rope(size, inv_freq.device)
+        if not same_source:
+            self._rope_inv_freq, self._rope_version = inv_freq, inv_freq._version
+            self._check_rope()
 
-    def _model_rope(self, size: int):
+    def _model_rope(self, size: int, device):
         """The model's rotary embedding at positions 0..size-1, in fp32 (as stock computes it before casting
         to the activations' dtype): [size, head_dim] each. Its inv_freq buffer is used as it is, so a model
         cast with ``.to(dtype)`` (which rounds inv_freq too) keeps its stock RoPE."""
-        probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32, device=self._device)
-        positions = torch.arange(size, device=self._device).unsqueeze(0)
+        probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32, device=device)
+        positions = torch.arange(size, device=device).unsqueeze(0)
         with torch.no_grad():
             cos, sin = self._base.rotary_emb(probe, positions)
         return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     def _check_rope(self):
         """For the default RoPE, the model's tables should be ``rope_cos_sin(rope_theta)``; warn if not."""
-        self._ensure_rope(_MIN_ROPE_TABLE)
         if self._rope_type != "default":
             return
         check = min(_ROPE_CHECK_POSITIONS, self._cos.shape[0])
-        cos, sin = rope_cos_sin(check, self.head_dim, self._rope_theta, torch.float32, self._device)
+        cos, sin = rope_cos_sin(check, self.head_dim, self._rope_theta, torch.float32, self._cos.device)
         error = max((cos - self._cos[:check]).abs().max().item(), (sin - self._sin[:check]).abs().max().item())
         if error > 1e-5:
             warnings.warn(f"patch_model: the model's rotary embedding differs from rope_cos_sin(rope_theta="
                           f"{self._rope_theta}) by up to {error:.3g} over {check} positions (its inv_freq buffer is "
-                          f"{self._base.rotary_emb.inv_freq.dtype}: was the model cast with .to(dtype)?). fa_fused "
-                          "uses the model's own tables, as stock attention does.", stacklevel=3)
+                          f"{self._rope_inv_freq.dtype}: was the model cast with .to(dtype)?). fa_fused "
+                          "uses the model's own tables, as stock attention does.", stacklevel=4)
 
     # ------------------------------------------------------------------ the patched attention forward
-    def _make_forward(self, module, original):
-        handle = self
-
-        def forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
-                    **kwargs):
-            cache = cache if cache is not None else past_key_values
-            if not (handle._active and isinstance(cache, PagedKVCache)):
-                return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-            plan = cache.current_plan
-            if plan is None:
-                cache._require_plan(f"layer {module.layer_idx}")  # raises: no step in progress
-            decode = (plan.query_length == 1 and plan.all_real and not kwargs.get("output_attentions")
-                      and not (module.training and module.attention_dropout > 0))
-            if decode:
-                return handle._fused_decode(module, hidden_states, cache, plan)
-            if plan.has_past:
-                attention_mask = cache.context_mask(plan)
-                if module.config._attn_implementation != "sdpa":  # eager & co. add a float mask
-                    attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype,
-                                                 device=hidden_states.device).masked_fill_(
-                        ~attention_mask, torch.finfo(hidden_states.dtype).min)
+    def _attention_forward(self, module, original, hidden_states, position_embeddings=None, attention_mask=None,
+                           cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if not (self._active and isinstance(cache, PagedKVCache)):
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        plan = cache.current_plan
+        if plan is None:
+            cache._require_plan(f"layer {module.layer_idx}")  # raises: no step in progress
+        if self._fuses(module, hidden_states, plan, kwargs):
+            return self._fused_decode(module, hidden_states, cache, plan)
+        # Stock code: the cache's update returns every seen position in DynamicCache's layout, so the model's
+        # own mask, attention implementation and attention weights apply unchanged.
+        return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
 
-        forward._torch_qwen_fused_patch = self
-        forward.__doc__ = f"torch_qwen_fused.hf patched forward of {type(module).__name__} (layer {module.layer_idx})"
-        return forward
+    @staticmethod
+    def _fuses(module, hidden_states, plan, kwargs) -> bool:
+        """Whether this step is one ``fa_fused`` call: one new real token per row, a mask that sees exactly the
+        cached tokens, and nothing the op does not give (attention weights, dropout, gradients)."""
+        if plan.query_length != 1 or not plan.all_real or not plan.mask_matches_cache:
+            return False
+        if _attentions_requested(kwargs) or (module.training and module.attention_dropout > 0):
+            return False
+        # fa_fused is inference-only: it raises under grad mode when an input requires grad.
+        return not (torch.is_grad_enabled()
+                    and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())))
 
     def _fused_decode(self, module, hidden_states, cache, plan):
         batch = hidden_states.shape[0]
@@ -265,6 +317,16 @@ class PatchHandle:
             eps=module.q_norm.variance_epsilon, scale=module.scaling)
         self.fused_calls += 1
         return module.o_proj(out.reshape(batch, 1, -1)), None
+
+
+def _attentions_requested(kwargs) -> bool:
+    """Whether this forward must return attention weights: the ``output_attentions`` kwarg, or the output
+    collector that transformers' ``capture_outputs`` set up for this forward (from that kwarg or
+    ``config.output_attentions``)."""
+    if kwargs.get("output_attentions"):
+        return True
+    collector = _active_collector.get()
+    return collector is not None and "attentions" in collector
 
 
 def _rope_settings(config):
@@ -296,7 +358,8 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
         block_size: tokens per cache block of the caches ``generate()`` builds, >= 1. Default 128.
         num_blocks [optional]: fixed pool size of those caches (blocks shared by all rows).
         max_memory [optional]: bytes for the K and V pools of all layers; sets num_blocks. Default (neither):
-            each ``generate()`` call gets ``rows * ceil(max_length / block_size)`` blocks.
+            each ``generate()`` call gets ``rows * ceil(max_length / block_size)`` blocks, and more if the
+            cache is used further (a draft model's cache, a cache passed to a later ``generate()``).
 
     Return:
         a ``PatchHandle``: ``handle.remove()`` (or leaving ``with patch_model(model) as handle:``) restores the
@@ -307,6 +370,9 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
         TypeError if the model has no Qwen3 attention; NotImplementedError for sliding-window attention,
         dynamic RoPE, or a head_dim the op cannot take; ValueError for bad settings.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patch_model: model must be a transformers Qwen3 or Qwen3-MoE model (a torch.nn.Module), "
+                        f"got {type(model).__name__}")
     handle = _HANDLES.get(model)
     if handle is not None and handle.active:
         handle._configure(block_size, num_blocks, max_memory)
@@ -335,7 +401,8 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
         if module.q_norm.variance_epsilon != module.k_norm.variance_epsilon:
             raise NotImplementedError("patch_model: q_norm and k_norm have different eps; fa_fused takes one")
     handle = PatchHandle(model, bases[0], attentions, block_size, num_blocks, max_memory)
-    handle._check_rope()
+    if not bases[0].rotary_emb.inv_freq.is_meta:   # a meta model has no values: its tables wait for its first step
+        handle._ensure_rope(_MIN_ROPE_TABLE)
     handle._apply()
     _HANDLES[model] = handle
     return handle

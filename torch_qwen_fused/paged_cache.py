@@ -1,15 +1,21 @@
 """A paged KV cache behind the Hugging Face transformers ``Cache`` API (transformers 5.x).
 
-Per layer, ``k_cache``/``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]`` (vLLM's "NHD"
-layout, what ``torch.ops.qwen.fa_fused`` reads and writes). All layers share one block allocator (a free
-list), one block table ``[batch, max_blocks]`` int32 and one ``seq_lens`` ``[batch]`` int32: every layer
-sees the same tokens, as in vLLM.
+Per layer, ``k_cache``/``v_cache`` are the block pools ``[num_blocks, block_size, num_kv_heads, head_dim]``
+(vLLM's "NHD" layout, what ``torch.ops.qwen.fa_fused`` reads and writes). All layers share one block
+allocator (a free list), one block table ``[batch, max_blocks]`` int32 and one ``seq_lens`` ``[batch]``
+int32: every layer sees the same tokens, as in vLLM.
 
-Two lengths are kept, because Hugging Face pads batches on the left:
+Hugging Face pads batches (on the left for generation; right or mid padding in user masks), and padding is
+never stored, so three things are kept:
 
-* ``seq_lens[b]``: the *real* tokens of row b held in the cache (padding is never stored);
-* ``get_seq_length()``: the tokens seen per row by the model, padding included (what ``generate()``, the
-  masks and ``position_ids`` count with, exactly as ``DynamicCache`` reports it).
+* ``get_seq_length()``: the positions seen per row by the model, padding included (what ``generate()``, the
+  masks and ``position_ids`` count with, exactly as ``DynamicCache`` reports it);
+* ``stored_positions`` ``[batch, seen]`` bool: which of those positions hold a token in the pools (the mask's
+  real tokens), so that ``crop`` drops exactly the tokens of the cropped positions;
+* ``seq_lens[b]``: the tokens row b holds, ``stored_positions[b].sum()``.
+
+``layers[i].keys`` / ``.values`` are what HF code expects of a cache layer, ``[batch, num_kv_heads, seen,
+head_dim]``, gathered from the pools on demand (zeros at positions that hold no token).
 
 A forward step is bracketed by ``begin_forward`` (plans the step once for all layers: which new tokens
 are real, their RoPE positions, their cache slots; allocates the blocks, or raises ``OutOfBlocksError``
@@ -18,6 +24,7 @@ installs both as hooks on the model; a step that fails in between is rolled back
 ``begin_forward``.
 """
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -67,6 +74,7 @@ class StepPlan:
     """What one forward step writes, computed once for all layers by ``PagedKVCache.begin_forward``."""
 
     query_length: int
+    seen: int                    # positions seen per row before this step (padding included)
     real: torch.Tensor           # [B, q] bool: which new tokens are real (not padding)
     all_real: bool
     positions: torch.Tensor      # [B, q] int64: HF position ids (RoPE positions) of the new tokens
@@ -75,9 +83,14 @@ class StepPlan:
     slots: torch.Tensor          # [B, q] int64: flat cache slot of each new token, -1 for padding
     real_index: Optional[torch.Tensor]  # [N] int64: flat (b * q + t) index of the real new tokens, None if all
     real_slots: torch.Tensor     # [N] int64: their slots
-    has_past: bool               # some row already holds tokens: attention must read the cache
+    mask_matches_cache: bool     # the step's mask lets each row see exactly its cached tokens (and itself)
     new_blocks: list             # [(row, block)] allocated by this step, undone if the step never commits
-    context_mask: Optional[torch.Tensor] = None  # [B, 1, q, past + q] bool, built on demand
+    seen_slots: Optional[tuple] = None  # (slots [B, seen], stored [B, seen]) of the past, built on demand
+
+    @property
+    def has_past(self) -> bool:
+        """Attention must read the seen positions from the cache (HF's mask spans seen + q)."""
+        return self.seen > 0
 
     @property
     def decode_positions(self) -> torch.Tensor:
@@ -89,7 +102,14 @@ class StepPlan:
 
 
 class PagedLayer(CacheLayerMixin):
-    """One layer's ``k_cache``/``v_cache``; lengths, block tables and the allocator live in the cache."""
+    """One layer of a ``PagedKVCache``: its block pools and HF's view of them.
+
+    ``k_cache`` / ``v_cache``: the pools, ``[num_blocks, block_size, num_kv_heads, head_dim]`` (None before the
+    first step), what ``fa_fused`` reads and writes. ``keys`` / ``values``: ``[batch, num_kv_heads, seen,
+    head_dim]`` as in a ``DynamicLayer``, gathered from the pools on each read (a copy: writing to it changes
+    nothing), zeros at the positions that hold no token (padding, freed rows); the committed steps only.
+    Lengths, block tables and the allocator live in the cache.
+    """
 
     is_compileable = False
     is_croppable = True
@@ -97,20 +117,33 @@ class PagedLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, cache: "PagedKVCache", layer_idx: int):
-        super().__init__()
+        # Not CacheLayerMixin.__init__: it assigns ``keys``/``values``, which here are views computed on read.
         self._cache = weakref.ref(cache)
         self.layer_idx = layer_idx
+        self.k_cache: Optional[torch.Tensor] = None
+        self.v_cache: Optional[torch.Tensor] = None
+        self.is_initialized = False
+
+    def __deepcopy__(self, memo):
+        # The weak reference to the cache would survive a deepcopy as is, pointing at the original cache.
+        copied = PagedLayer.__new__(PagedLayer)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            if name != "_cache":
+                copied.__dict__[name] = copy.deepcopy(value, memo)
+        copied._cache = weakref.ref(copy.deepcopy(self._cache(), memo))
+        return copied
 
     @property
-    def k_cache(self) -> Optional[torch.Tensor]:
-        return self.keys
+    def keys(self) -> Optional[torch.Tensor]:
+        return None if self.k_cache is None else self._cache().seen_states(self.k_cache)
 
     @property
-    def v_cache(self) -> Optional[torch.Tensor]:
-        return self.values
+    def values(self) -> Optional[torch.Tensor]:
+        return None if self.v_cache is None else self._cache().seen_states(self.v_cache)
 
     def __repr__(self):
-        shape = None if self.keys is None else list(self.keys.shape)
+        shape = None if self.k_cache is None else list(self.k_cache.shape)
         return f"PagedLayer(layer_idx={self.layer_idx}, k_cache={shape})"
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -166,7 +199,10 @@ class PagedKVCache(Cache):
             before anything is written.
         max_memory [optional]: bytes for the K and V pools of all layers together; fixes
             ``num_blocks = max_memory // bytes_per_block``. Give ``num_blocks`` or ``max_memory``, not both.
-            With neither, the pool is sized at the first step and grows (reallocated, at least doubling) when full.
+            With neither, the pool is sized at the first step.
+        growable [optional]: whether a full pool grows (reallocated, at least doubling) instead of raising
+            ``OutOfBlocksError``. Default: only when neither ``num_blocks`` nor ``max_memory`` is given;
+            ``num_blocks=N, growable=True`` starts with N blocks.
         dtype, device [optional]: of the pools; default the dtype and device passed by the first
             ``begin_forward`` (the patched model passes its own).
     """
@@ -176,7 +212,7 @@ class PagedKVCache(Cache):
     def __init__(self, config=None, *, block_size: int = 128, num_blocks: Optional[int] = None,
                  max_memory: Optional[int] = None, num_layers: Optional[int] = None,
                  num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 dtype: Optional[torch.dtype] = None, device=None, growable: Optional[bool] = None):
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_layers = num_layers or text.num_hidden_layers
@@ -193,26 +229,29 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache: num_blocks must be an int >= 1, got {num_blocks!r}")
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"PagedKVCache: max_memory must be a positive number of bytes, got {max_memory!r}")
+        if growable and max_memory is not None:
+            raise ValueError("PagedKVCache: max_memory is a fixed budget; it cannot be growable")
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.block_size = block_size
         self._requested_blocks = num_blocks
         self._max_memory = max_memory
+        self._growable = growable if growable is not None else num_blocks is None and max_memory is None
         self._dtype = dtype
         self._device = torch.device(device) if device is not None else None
         self._allocator: Optional[BlockAllocator] = None
         self._row_blocks: list = []
         self._block_table = torch.zeros(0, 1, dtype=torch.int32)
         self._seq_lens = torch.zeros(0, dtype=torch.int32)
-        self._seen_tokens = 0
+        self._stored = torch.zeros(0, 0, dtype=torch.bool)
         self._plan: Optional[StepPlan] = None
 
     # ------------------------------------------------------------------ introspection
     def __repr__(self):
         return (f"PagedKVCache(layers={len(self.layers)}, block_size={self.block_size}, num_blocks={self.num_blocks}, "
                 f"free_blocks={self.num_free_blocks}, rows={len(self._row_blocks)}, "
-                f"seq_lens={self._seq_lens.tolist()}, seen_tokens={self._seen_tokens})")
+                f"seq_lens={self._seq_lens.tolist()}, seen_tokens={self.get_seq_length()})")
 
     @property
     def num_blocks(self) -> Optional[int]:
@@ -225,7 +264,7 @@ class PagedKVCache(Cache):
 
     @property
     def growable(self) -> bool:
-        return self._requested_blocks is None and self._max_memory is None
+        return self._growable
 
     @property
     def block_table(self) -> torch.Tensor:
@@ -236,6 +275,12 @@ class PagedKVCache(Cache):
     def seq_lens(self) -> torch.Tensor:
         """(batch,) int32: real (non-padding) tokens held per row. Do not modify in place."""
         return self._seq_lens
+
+    @property
+    def stored_positions(self) -> torch.Tensor:
+        """(batch, seen) bool: which positions seen by the model hold a token in the pools (False: padding, or a
+        freed row's old positions); the 2-D ``attention_mask`` of the next step must agree. Do not modify."""
+        return self._stored
 
     @property
     def row_blocks(self) -> list:
@@ -261,13 +306,19 @@ class PagedKVCache(Cache):
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * len(self.layers) * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
+    def seen_states(self, pool: torch.Tensor) -> torch.Tensor:
+        """(batch, num_kv_heads, seen, head_dim): ``pool`` (one layer's ``k_cache`` or ``v_cache``) gathered at
+        the committed positions of every row, as a ``DynamicCache`` layer holds them; zeros where no token is
+        stored."""
+        return self._gather(pool, *self._seen_slots())
+
     # ------------------------------------------------------------------ HF Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen per row, padding included (as ``DynamicCache``); ``seq_lens`` has the real ones."""
-        return self._seen_tokens
+        """Positions seen per row, padding included (as ``DynamicCache``); ``seq_lens`` has the stored tokens."""
+        return self._stored.shape[1]
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple:
-        return self._seen_tokens + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self, layer_idx: Optional[int] = None) -> int:
         return -1
@@ -276,9 +327,10 @@ class PagedKVCache(Cache):
         """Writes this step's real new tokens of layer ``layer_idx`` (one vectorized write each for K and V).
 
         key_states, value_states: (batch, num_kv_heads, query_length, head_dim), K already normed and roped.
-        Returns the keys and values attention must read: the inputs themselves when no row holds earlier
-        tokens (so the model's own mask applies), else the rows' cached tokens followed by the new ones,
-        to be used with ``context_mask(plan)``.
+        Returns what a ``DynamicCache`` returns, (batch, num_kv_heads, seen + query_length, head_dim): the
+        seen positions from the cache (zeros where no token is stored: HF's mask hides them), then the inputs
+        themselves, so that the model's own mask applies as is. The cache keeps detached copies: gradients
+        flow through this step's keys and values, not into earlier steps'.
         """
         plan = self._require_plan("update")
         batch, heads, length, head_dim = key_states.shape
@@ -287,31 +339,18 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache.update: key_states must have shape {list(expected)} "
                              f"[batch, num_kv_heads, query_length, head_dim], got {list(key_states.shape)}")
         layer = self.layers[layer_idx]
-        for new, pool in ((key_states, layer.keys), (value_states, layer.values)):
-            flat = new.transpose(1, 2).reshape(batch * length, heads, head_dim)
+        for new, pool in ((key_states, layer.k_cache), (value_states, layer.v_cache)):
+            flat = new.detach().transpose(1, 2).reshape(batch * length, heads, head_dim)
             if plan.real_index is not None:
                 flat = flat.index_select(0, plan.real_index)
             pool.view(-1, heads, head_dim).index_copy_(0, plan.real_slots, flat.to(pool.dtype))
         if not plan.has_past:
             return key_states, value_states
-        return self._with_context(layer, plan, key_states), self._with_context(layer, plan, value_states, values=True)
-
-    def context_mask(self, plan: Optional[StepPlan] = None) -> torch.Tensor:
-        """(batch, 1, query_length, past + query_length) bool mask for the keys ``update`` returns when the
-        cache already holds tokens: each row's cached real tokens, then causal attention among its new real
-        tokens. A padding query attends to itself only (its output is never used, and it must not be NaN)."""
-        plan = plan or self._require_plan("context_mask")
-        if plan.context_mask is None:
-            device = plan.real.device
-            q = plan.query_length
-            past_slots = self._past_blocks(plan) * self.block_size
-            past = torch.arange(past_slots, device=device) < plan.past_lens.unsqueeze(1)    # [B, P]
-            causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
-            new = causal & plan.real.unsqueeze(1)                                          # [B, q, q]
-            new = new | torch.eye(q, dtype=torch.bool, device=device)
-            mask = torch.cat((past.unsqueeze(1).expand(-1, q, -1), new), dim=2)
-            plan.context_mask = mask.unsqueeze(1)
-        return plan.context_mask
+        if plan.seen_slots is None:
+            plan.seen_slots = self._seen_slots()
+        past_keys = self._gather(layer.k_cache, *plan.seen_slots).to(key_states.dtype)
+        past_values = self._gather(layer.v_cache, *plan.seen_slots).to(value_states.dtype)
+        return torch.cat((past_keys, key_states), dim=2), torch.cat((past_values, value_states), dim=2)
 
     def reset(self) -> None:
         """Frees every row (the pools are kept)."""
@@ -320,23 +359,25 @@ class PagedKVCache(Cache):
             self._allocator = BlockAllocator(self._allocator.num_blocks)
         self._row_blocks = []
         self._seq_lens = torch.zeros(0, dtype=torch.int32, device=self._seq_lens.device)
-        self._seen_tokens = 0
+        self._stored = torch.zeros(0, 0, dtype=torch.bool, device=self._stored.device)
         self._rebuild_block_table()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drops the last ``-tokens_to_remove`` tokens of every row (a negative count, as ``DynamicCache``)."""
+        """Drops the last ``-tokens_to_remove`` seen positions of every row (a negative count, as
+        ``DynamicCache``), and with them exactly the tokens stored at those positions (none for padding)."""
         if tokens_to_remove > 0:
             raise ValueError(f"PagedKVCache.crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         self._rollback()
-        if tokens_to_remove == 0 or not self._row_blocks:
+        seen = self.get_seq_length()
+        keep = max(seen + tokens_to_remove, 0)
+        if keep == seen:
             return
-        count = -tokens_to_remove
-        self._seen_tokens = max(self._seen_tokens - count, 0)
-        self._seq_lens = (self._seq_lens - count).clamp_(min=0)
+        self._stored = self._stored[:, :keep]
+        self._seq_lens = self._stored.sum(dim=1, dtype=torch.int32)
         for row, length in enumerate(self._seq_lens.tolist()):
-            keep = -(-length // self.block_size)
-            self._allocator.free(self._row_blocks[row][keep:])
-            del self._row_blocks[row][keep:]
+            blocks = -(-length // self.block_size)
+            self._allocator.free(self._row_blocks[row][blocks:])
+            del self._row_blocks[row][blocks:]
         self._rebuild_block_table()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -350,17 +391,27 @@ class PagedKVCache(Cache):
 
     # ------------------------------------------------------------------ rows
     def free_rows(self, rows: Sequence[int]) -> None:
-        """Returns the blocks of ``rows`` to the free list; those rows then hold no token, and the next tokens
-        written to them start a new sequence. The other rows are untouched."""
+        """For a serving loop outside ``generate()``: returns the blocks of ``rows`` to the free list, for a new
+        sequence (or other rows) to use. The other rows are untouched.
+
+        A freed row holds no token (``seq_lens`` 0), but ``get_seq_length()`` counts positions for the whole
+        batch, as in HF, so the row's old positions stay seen, as padding (``stored_positions`` False): the
+        row's next step must give them ``attention_mask`` 0, exactly like a left-padded row, with
+        ``position_ids`` counting its real tokens only (``attention_mask.cumsum(-1) - 1``, as ``generate()``
+        computes them).
+        """
         self._rollback()
-        lens = self._seq_lens.clone()
+        rows = [int(row) for row in rows]
         for row in rows:
             if not 0 <= row < len(self._row_blocks):
                 raise IndexError(f"PagedKVCache.free_rows: row {row} is outside [0, {len(self._row_blocks)})")
+        stored = self._stored.clone()
+        for row in set(rows):
             self._allocator.free(self._row_blocks[row])
             self._row_blocks[row] = []
-            lens[row] = 0
-        self._seq_lens = lens
+            stored[row] = False
+        self._stored = stored
+        self._seq_lens = stored.sum(dim=1, dtype=torch.int32)
         self._rebuild_block_table()
 
     def _gather_rows(self, index: torch.Tensor) -> None:
@@ -395,14 +446,16 @@ class PagedKVCache(Cache):
             targets += fresh
             new_blocks[new_row] = fresh
         if targets:
-            device = self.layers[0].keys.device
+            device = self.layers[0].k_cache.device
             src = torch.tensor(sources, dtype=torch.long, device=device)
             dst = torch.tensor(targets, dtype=torch.long, device=device)
             for layer in self.layers:
-                layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
-                layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+                layer.k_cache.index_copy_(0, dst, layer.k_cache.index_select(0, src))
+                layer.v_cache.index_copy_(0, dst, layer.v_cache.index_select(0, src))
         self._row_blocks = new_blocks
-        self._seq_lens = self._seq_lens[torch.tensor(index, dtype=torch.long, device=self._seq_lens.device)]
+        rows = torch.tensor(index, dtype=torch.long, device=self._seq_lens.device)
+        self._seq_lens = self._seq_lens[rows]
+        self._stored = self._stored[rows]
         self._rebuild_block_table()
 
     # ------------------------------------------------------------------ one forward step
@@ -412,8 +465,9 @@ class PagedKVCache(Cache):
         """Plans a forward step of ``query_length`` new tokens per row, for all layers.
 
         attention_mask [optional]: the 2-D HF mask (batch, seen + query_length) (or (batch, query_length));
-            its last ``query_length`` columns say which new tokens are real. A 4-D mask is read on its
-            diagonal. None: all are real.
+            its last ``query_length`` columns say which new tokens are real, and its first ``seen`` ones must
+            not mark real a position that holds no token (padding, a freed row). A 4-D mask is read on its
+            diagonal. None: all new tokens are real, and so must be all seen positions.
         position_ids [optional]: (batch or 1, query_length), the new tokens' RoPE positions; default
             ``get_seq_length() + arange(query_length)``, as HF does.
         dtype, device: of the pools if they are not allocated yet (the constructor's take precedence).
@@ -424,10 +478,11 @@ class PagedKVCache(Cache):
         self._rollback()
         device = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
         if self._allocator is not None:
-            device = self.layers[0].keys.device
+            device = self.layers[0].k_cache.device
+        seen = self.get_seq_length()
         real = self._real_tokens(batch_size, query_length, attention_mask, device)
         if position_ids is None:
-            positions = torch.arange(query_length, device=device) + self._seen_tokens
+            positions = torch.arange(query_length, device=device) + seen
             positions = positions.unsqueeze(0).expand(batch_size, -1)
         else:
             if position_ids.dim() != 2 or position_ids.shape[-1] != query_length:
@@ -435,12 +490,14 @@ class PagedKVCache(Cache):
                                  f"got {list(position_ids.shape)}")
             positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1)
 
-        if self._seen_tokens == 0 and not any(self._row_blocks):    # empty: (re)shape the rows
+        if seen == 0 and not any(self._row_blocks):    # empty: (re)shape the rows
             self._row_blocks = [[] for _ in range(batch_size)]
             self._seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            self._stored = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         elif batch_size != len(self._row_blocks):
             raise ValueError(f"PagedKVCache: this step has batch size {batch_size} but the cache holds "
                              f"{len(self._row_blocks)} rows (use batch_select_indices / reset to change it)")
+        mask_matches_cache = self._mask_matches_cache(attention_mask, query_length)
 
         past = self._seq_lens.to(device=device, dtype=torch.long)
         new_counts = real.sum(dim=1)
@@ -449,7 +506,7 @@ class PagedKVCache(Cache):
                   for total, blocks in zip(totals.tolist(), self._row_blocks)]
         need = sum(max(w, 0) for w in wanted)
         if self._allocator is None:
-            self._allocate_pool(need + (batch_size if self.growable else 0), dtype, device)
+            self._allocate_pool(need + batch_size, dtype, device)
         if need > self._allocator.num_free:
             self._make_room(need - self._allocator.num_free, f"a step of {query_length} token(s) per row "
                             f"(rows now hold {past.tolist()} tokens, {new_counts.tolist()} new)")
@@ -467,9 +524,9 @@ class PagedKVCache(Cache):
         all_real = bool(real.all())
         real_index = None if all_real else real.reshape(-1).nonzero().squeeze(1)
         real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
-        self._plan = StepPlan(query_length=query_length, real=real, all_real=all_real, positions=positions,
-                              past_lens=past, seq_lens=totals.to(torch.int32), slots=slots,
-                              real_index=real_index, real_slots=real_slots, has_past=bool((past > 0).any()),
+        self._plan = StepPlan(query_length=query_length, seen=seen, real=real, all_real=all_real,
+                              positions=positions, past_lens=past, seq_lens=totals.to(torch.int32), slots=slots,
+                              real_index=real_index, real_slots=real_slots, mask_matches_cache=mask_matches_cache,
                               new_blocks=new_blocks)
         return self._plan
 
@@ -477,7 +534,7 @@ class PagedKVCache(Cache):
         """Commits the planned step: its tokens now count in ``seq_lens`` and ``get_seq_length()``."""
         plan = self._require_plan("end_forward")
         self._seq_lens = plan.seq_lens
-        self._seen_tokens += plan.query_length
+        self._stored = torch.cat((self._stored, plan.real), dim=1)
         self._plan = None
 
     # ------------------------------------------------------------------ internals
@@ -512,6 +569,42 @@ class PagedKVCache(Cache):
         raise ValueError(f"PagedKVCache: attention_mask must be [batch, seen + {query_length}] (2-D) or "
                          f"[batch, 1, {query_length}, kv] (4-D), got {list(attention_mask.shape)}")
 
+    def _mask_matches_cache(self, attention_mask, query_length) -> bool:
+        """Whether the step's mask lets each row see exactly its stored tokens (then the paged decode, which
+        attends to them, computes what the mask asks); raises if it marks real a position with no token."""
+        seen = self.get_seq_length()
+        if seen == 0:
+            return True
+        if attention_mask is None:
+            seen_real = torch.ones_like(self._stored)
+        elif attention_mask.dim() == 2 and attention_mask.shape[1] == seen + query_length:
+            seen_real = attention_mask[:, :seen].to(self._stored.device).bool()
+        else:
+            return False    # a 4-D (or shorter 2-D) mask: the stock attention applies it as it is
+        missing = seen_real & ~self._stored
+        if bool(missing.any()):
+            row, position = (int(i) for i in missing.nonzero()[0])
+            raise ValueError(
+                f"PagedKVCache: attention_mask {'is None, which marks' if attention_mask is None else 'marks'} "
+                f"position {position} of row {row} as a real token, but the cache holds no token there (it was "
+                "padding, or the row was freed): pass the 2-D attention_mask of the whole sequence, with 0 where "
+                "stored_positions is False")
+        return bool(torch.equal(seen_real, self._stored))
+
+    def _seen_slots(self):
+        """(slots, stored), both (batch, seen): the flat pool slot of each seen position (0 where none is
+        stored) and whether one is."""
+        stored = self._stored
+        ordinal = (stored.cumsum(dim=1) - 1).clamp_(min=0)            # the row's j-th stored token: logical slot j
+        blocks = self._block_table.to(stored.device).long().gather(1, ordinal // self.block_size)
+        return torch.where(stored, blocks * self.block_size + ordinal % self.block_size, 0), stored
+
+    def _gather(self, pool: torch.Tensor, slots: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        batch, seen = slots.shape
+        flat = pool.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots.reshape(-1))
+        states = flat.view(batch, seen, self.num_kv_heads, self.head_dim).masked_fill_(~stored[..., None, None], 0)
+        return states.transpose(1, 2)
+
     def _allocate_pool(self, initial_blocks: int, dtype, device) -> None:
         dtype = self._dtype or dtype or torch.float32
         device = self._device or device
@@ -527,13 +620,14 @@ class PagedKVCache(Cache):
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         for layer in self.layers:
             # Zeros, not empty: attention may read (masked) slots that were never written, and 0 * NaN is NaN.
-            layer.keys = torch.zeros(shape, dtype=dtype, device=device)
-            layer.values = torch.zeros(shape, dtype=dtype, device=device)
+            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.is_initialized = True
         self._dtype = dtype
         self._allocator = BlockAllocator(num_blocks)
         self._block_table = self._block_table.to(device)
         self._seq_lens = self._seq_lens.to(device)
+        self._stored = self._stored.to(device)
 
     def _make_room(self, missing: int, what: str) -> None:
         """Grows a growable pool by at least ``missing`` blocks, else raises ``OutOfBlocksError``."""
@@ -545,25 +639,12 @@ class PagedKVCache(Cache):
                 "(free_rows / batch_select_indices) or build the cache with more num_blocks or max_memory.")
         new_total = max(2 * allocator.num_blocks, allocator.num_blocks + missing)
         for layer in self.layers:
-            for name in ("keys", "values"):
+            for name in ("k_cache", "v_cache"):
                 old = getattr(layer, name)
                 grown = old.new_zeros((new_total,) + tuple(old.shape[1:]))
                 grown[: old.shape[0]] = old
                 setattr(layer, name, grown)
         allocator.grow(new_total)
-
-    def _past_blocks(self, plan: StepPlan) -> int:
-        return -(-int(plan.past_lens.max()) // self.block_size) if plan.past_lens.numel() else 0
-
-    def _with_context(self, layer: PagedLayer, plan: StepPlan, new: torch.Tensor, values: bool = False):
-        """(B, Hkv, P + q, D): each row's cached real tokens (P = whole blocks, padded), then the new ones."""
-        pool = layer.values if values else layer.keys
-        blocks = self._past_blocks(plan)
-        table = self._block_table[:, :blocks].long()
-        past = pool[table]                                                      # [B, nb, bs, Hkv, D]
-        batch = past.shape[0]
-        past = past.reshape(batch, blocks * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return torch.cat((past.to(new.dtype), new), dim=2)
 
     def _rebuild_block_table(self) -> None:
         width = max([len(blocks) for blocks in self._row_blocks] + [1])
