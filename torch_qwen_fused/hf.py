@@ -26,7 +26,7 @@ import torch
 from transformers.utils.output_capturing import _active_collector
 
 from . import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
-from .ops import rope_cos_sin
+from .rope import rope_cos_sin
 from .paged_cache import BlockAllocator, OutOfBlocksError, PagedKVCache
 
 __all__ = ["patch_model", "PatchHandle", "PagedKVCache", "OutOfBlocksError", "BlockAllocator"]
