@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from torch_qwen_fused.paged_cache import OutOfBlocksError, PagedKVCache  # noqa: E402
+from torch_qwen_fused.hf import OutOfBlocksError, PagedKVCache  # noqa: E402
 
 
 def test_paged_cache_allocator_free_and_reuse():

@@ -317,9 +317,13 @@ def test_beam_search_reorders_the_paged_cache():
     layout = HEAD_LAYOUTS[0]
     model = qwen3_model(layout)
     stock = generate(model, "padded", new_tokens=5, num_beams=2)
-    with patch_model(model, block_size=4):
+    with patch_model(model, block_size=4) as handle:
         fused = generate(model, "padded", new_tokens=5, num_beams=2)
+    assert isinstance(fused.cache, PagedKVCache)
     assert torch.equal(fused.sequences, stock.sequences)
+    assert max_logit_diff(fused, stock) <= FP32_TOL
+    # 3 rows x 2 beams decode 4 steps after the prefill, every layer fused.
+    assert handle.fused_calls == 4 * LAYERS
 
 
 def test_qwen3_moe_matches_stock():

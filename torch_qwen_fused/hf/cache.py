@@ -26,79 +26,15 @@ installs both as hooks on the model; a step that fails in between is rolled back
 
 import copy
 import weakref
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["PagedKVCache", "OutOfBlocksError", "BlockAllocator"]
+from .blocks import BlockAllocator, OutOfBlocksError
+from .step import StepPlan, mask_sees_exactly, real_new_tokens
 
-
-class OutOfBlocksError(RuntimeError):
-    """The block pool cannot hold a step's tokens. Raised before anything is allocated or written."""
-
-
-class BlockAllocator:
-    """Free list over the physical block ids ``[0, num_blocks)``; freed blocks are reused first."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, count: int) -> list:
-        """``count`` block ids, all or none."""
-        if count > len(self._free):
-            raise OutOfBlocksError(f"need {count} blocks, {len(self._free)} of {self.num_blocks} are free")
-        if count <= 0:
-            return []
-        taken = self._free[-count:][::-1]
-        del self._free[-count:]
-        return taken
-
-    def free(self, blocks: Sequence[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-    def grow(self, num_blocks: int) -> None:
-        """Adds the ids ``[self.num_blocks, num_blocks)``, handed out after the already free ones."""
-        self._free[:0] = range(num_blocks - 1, self.num_blocks - 1, -1)
-        self.num_blocks = num_blocks
-
-
-@dataclass
-class StepPlan:
-    """What one forward step writes, computed once for all layers by ``PagedKVCache.begin_forward``."""
-
-    query_length: int
-    seen: int                    # positions seen per row before this step (padding included)
-    real: torch.Tensor           # [B, q] bool: which new tokens are real (not padding)
-    all_real: bool
-    positions: torch.Tensor      # [B, q] int64: HF position ids (RoPE positions) of the new tokens
-    past_lens: torch.Tensor      # [B] int64: real tokens cached before this step
-    seq_lens: torch.Tensor       # [B] int32: real tokens cached after this step
-    slots: torch.Tensor          # [B, q] int64: flat cache slot of each new token, -1 for padding
-    real_index: Optional[torch.Tensor]  # [N] int64: flat (b * q + t) index of the real new tokens, None if all
-    real_slots: torch.Tensor     # [N] int64: their slots
-    mask_matches_cache: bool     # the step's mask lets each row see exactly its cached tokens (and itself)
-    new_blocks: list             # [(row, block)] allocated by this step, undone if the step never commits
-    seen_slots: Optional[tuple] = None  # (slots [B, seen], stored [B, seen]) of the past, built on demand
-
-    @property
-    def has_past(self) -> bool:
-        """Attention must read the seen positions from the cache (HF's mask spans seen + q)."""
-        return self.seen > 0
-
-    @property
-    def decode_positions(self) -> torch.Tensor:
-        return self.positions[:, 0]
-
-    @property
-    def decode_slots(self) -> torch.Tensor:
-        return self.slots[:, 0]
+__all__ = ["PagedKVCache", "PagedLayer"]
 
 
 class PagedLayer(CacheLayerMixin):
@@ -332,7 +268,7 @@ class PagedKVCache(Cache):
         themselves, so that the model's own mask applies as is. The cache keeps detached copies: gradients
         flow through this step's keys and values, not into earlier steps'.
         """
-        plan = self._require_plan("update")
+        plan = self.require_plan("update")
         batch, heads, length, head_dim = key_states.shape
         expected = (len(self._row_blocks), self.num_kv_heads, plan.query_length, self.head_dim)
         if (batch, heads, length, head_dim) != expected:
@@ -480,7 +416,7 @@ class PagedKVCache(Cache):
         if self._allocator is not None:
             device = self.layers[0].k_cache.device
         seen = self.get_seq_length()
-        real = self._real_tokens(batch_size, query_length, attention_mask, device)
+        real = real_new_tokens(attention_mask, batch_size, query_length, device)
         if position_ids is None:
             positions = torch.arange(query_length, device=device) + seen
             positions = positions.unsqueeze(0).expand(batch_size, -1)
@@ -497,7 +433,7 @@ class PagedKVCache(Cache):
         elif batch_size != len(self._row_blocks):
             raise ValueError(f"PagedKVCache: this step has batch size {batch_size} but the cache holds "
                              f"{len(self._row_blocks)} rows (use batch_select_indices / reset to change it)")
-        mask_matches_cache = self._mask_matches_cache(attention_mask, query_length)
+        mask_matches_cache = mask_sees_exactly(attention_mask, self._stored, query_length)
 
         past = self._seq_lens.to(device=device, dtype=torch.long)
         new_counts = real.sum(dim=1)
@@ -532,13 +468,13 @@ class PagedKVCache(Cache):
 
     def end_forward(self) -> None:
         """Commits the planned step: its tokens now count in ``seq_lens`` and ``get_seq_length()``."""
-        plan = self._require_plan("end_forward")
+        plan = self.require_plan("end_forward")
         self._seq_lens = plan.seq_lens
         self._stored = torch.cat((self._stored, plan.real), dim=1)
         self._plan = None
 
     # ------------------------------------------------------------------ internals
-    def _require_plan(self, caller: str) -> StepPlan:
+    def require_plan(self, caller: str) -> StepPlan:
         if self._plan is None:
             raise RuntimeError(
                 f"PagedKVCache.{caller}: no forward step is in progress. A PagedKVCache is filled by a model "
@@ -555,41 +491,6 @@ class PagedKVCache(Cache):
             self._row_blocks[row].remove(block)
             self._allocator.free([block])
         self._rebuild_block_table()
-
-    def _real_tokens(self, batch_size, query_length, attention_mask, device) -> torch.Tensor:
-        if attention_mask is None:
-            return torch.ones(batch_size, query_length, dtype=torch.bool, device=device)
-        mask = attention_mask.to(device)
-        if mask.dim() == 2 and mask.shape[0] == batch_size and mask.shape[1] >= query_length:
-            return mask[:, -query_length:].bool()
-        if mask.dim() == 4 and mask.shape[0] == batch_size and mask.shape[2] == query_length:
-            offset = mask.shape[3] - query_length
-            diagonal = mask[:, 0].diagonal(offset=offset, dim1=-2, dim2=-1)
-            return diagonal if mask.dtype == torch.bool else diagonal == 0
-        raise ValueError(f"PagedKVCache: attention_mask must be [batch, seen + {query_length}] (2-D) or "
-                         f"[batch, 1, {query_length}, kv] (4-D), got {list(attention_mask.shape)}")
-
-    def _mask_matches_cache(self, attention_mask, query_length) -> bool:
-        """Whether the step's mask lets each row see exactly its stored tokens (then the paged decode, which
-        attends to them, computes what the mask asks); raises if it marks real a position with no token."""
-        seen = self.get_seq_length()
-        if seen == 0:
-            return True
-        if attention_mask is None:
-            seen_real = torch.ones_like(self._stored)
-        elif attention_mask.dim() == 2 and attention_mask.shape[1] == seen + query_length:
-            seen_real = attention_mask[:, :seen].to(self._stored.device).bool()
-        else:
-            return False    # a 4-D (or shorter 2-D) mask: the stock attention applies it as it is
-        missing = seen_real & ~self._stored
-        if bool(missing.any()):
-            row, position = (int(i) for i in missing.nonzero()[0])
-            raise ValueError(
-                f"PagedKVCache: attention_mask {'is None, which marks' if attention_mask is None else 'marks'} "
-                f"position {position} of row {row} as a real token, but the cache holds no token there (it was "
-                "padding, or the row was freed): pass the 2-D attention_mask of the whole sequence, with 0 where "
-                "stored_positions is False")
-        return bool(torch.equal(seen_real, self._stored))
 
     def _seen_slots(self):
         """(slots, stored), both (batch, seen): the flat pool slot of each seen position (0 where none is

@@ -18,18 +18,18 @@ Any other cache (``DynamicCache``, ``StaticCache``, none) runs the stock forward
 """
 
 import copy
-import warnings
+import inspect
 import weakref
 from typing import Optional
 
 import torch
-from transformers.utils.output_capturing import _active_collector
 
-from . import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
-from .rope import rope_cos_sin
-from .paged_cache import BlockAllocator, OutOfBlocksError, PagedKVCache
+from .. import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
+from .cache import PagedKVCache
+from .decode import can_fuse, fused_decode
+from .rope import MIN_ROPE_TABLE, ModelRope
 
-__all__ = ["patch_model", "PatchHandle", "PagedKVCache", "OutOfBlocksError", "BlockAllocator"]
+__all__ = ["patch_model", "PatchHandle"]
 
 
 class _Missing:
@@ -42,8 +42,6 @@ class _Missing:
 _MISSING = _Missing()
 _HANDLES = weakref.WeakKeyDictionary()          # model -> its active PatchHandle
 _PATCHED_MODULES = weakref.WeakKeyDictionary()  # attention module -> the PatchHandle that patched it
-_ROPE_CHECK_POSITIONS = 2048
-_MIN_ROPE_TABLE = 4096
 
 
 def _qwen3_classes():
@@ -98,11 +96,9 @@ class PatchHandle:
         self._hooks = []
         self._last_cache = None
         self._active = False
-        # RoPE tables, rebuilt whenever the model's inv_freq buffer is another tensor (model.to(...)) or changed.
-        self._cos = self._sin = None
-        self._rope_inv_freq, self._rope_version = None, None
-        self.head_dim = attentions[0].head_dim
-        self._rope_type, self._rope_theta = _rope_settings(model.config.get_text_config(decoder=True))
+        self._rope = ModelRope(base, attentions[0].head_dim)
+        self._step_cache = None   # the PagedKVCache of the step between the base model's hooks
+        self._base_signature = inspect.signature(type(base).forward)
 
     def __deepcopy__(self, memo):
         """Reached through the copied model's hooks and patched methods: the copy's handle, on its modules."""
@@ -206,9 +202,10 @@ class PatchHandle:
         """``generate()``'s cache set-up: a ``PagedKVCache`` where stock would build its default ``DynamicCache``."""
         from transformers.cache_utils import DynamicCache
 
+        user_cache = model_kwargs.get("cache")
         result = original(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         cache = model_kwargs.get("cache")
-        if (self._active and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+        if (self._active and user_cache is None and type(cache) is DynamicCache
                 and not getattr(cache, "offloading", False)
                 and generation_config.cache_implementation in (None, "dynamic")):
             rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
@@ -217,11 +214,12 @@ class PatchHandle:
 
     # ------------------------------------------------------------------ per step (hooks on the base model)
     def _begin_step(self, module, args, kwargs):
-        # Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, ...)
-        names = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")
-        given = dict(zip(names, args))
-        given.update({name: kwargs[name] for name in names if name in kwargs})
-        cache = given.get("cache", kwargs.get("past_key_values"))
+        """Plans the step in its PagedKVCache (if it has one), once for all layers, from the base model's
+        arguments (Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, ...))."""
+        given = self._base_signature.bind_partial(module, *args, **kwargs).arguments
+        cache = given.get("cache")
+        if cache is None:
+            cache = given.get("kwargs", {}).get("past_key_values")   # the deprecated name
         if not isinstance(cache, PagedKVCache):
             return None
         tokens = given.get("input_ids")
@@ -229,52 +227,15 @@ class PatchHandle:
         weight = self._weight
         plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
                                    position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device)
-        self._ensure_rope(int(plan.positions.max()) + 1)
+        self._rope.ensure(int(plan.positions.max()) + 1)
+        self._step_cache = cache
         return None
 
     def _end_step(self, module, args, kwargs, output):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None and len(args) > 3:
-            cache = args[3]
-        if isinstance(cache, PagedKVCache) and cache.current_plan is not None:
+        cache, self._step_cache = self._step_cache, None
+        if cache is not None and cache.current_plan is not None:
             cache.end_forward()
         return None
-
-    def _ensure_rope(self, positions: int):
-        """fp32 rotate-half tables covering ``positions``: the model's own rotary embedding, evaluated once per
-        inv_freq buffer (a cast or a move of the model replaces it, and the tables follow)."""
-        inv_freq = self._base.rotary_emb.inv_freq
-        same_source = self._rope_inv_freq is inv_freq and self._rope_version == inv_freq._version
-        if same_source and self._cos.shape[0] >= positions:
-            return
-        size = max(positions, _MIN_ROPE_TABLE, 2 * self._cos.shape[0] if same_source else 0)
-        self._cos, self._sin = self._model_rope(size, inv_freq.device)
-        if not same_source:
-            self._rope_inv_freq, self._rope_version = inv_freq, inv_freq._version
-            self._check_rope()
-
-    def _model_rope(self, size: int, device):
-        """The model's rotary embedding at positions 0..size-1, in fp32 (as stock computes it before casting
-        to the activations' dtype): [size, head_dim] each. Its inv_freq buffer is used as it is, so a model
-        cast with ``.to(dtype)`` (which rounds inv_freq too) keeps its stock RoPE."""
-        probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32, device=device)
-        positions = torch.arange(size, device=device).unsqueeze(0)
-        with torch.no_grad():
-            cos, sin = self._base.rotary_emb(probe, positions)
-        return cos[0].float().contiguous(), sin[0].float().contiguous()
-
-    def _check_rope(self):
-        """For the default RoPE, the model's tables should be ``rope_cos_sin(rope_theta)``; warn if not."""
-        if self._rope_type != "default":
-            return
-        check = min(_ROPE_CHECK_POSITIONS, self._cos.shape[0])
-        cos, sin = rope_cos_sin(check, self.head_dim, self._rope_theta, torch.float32, self._cos.device)
-        error = max((cos - self._cos[:check]).abs().max().item(), (sin - self._sin[:check]).abs().max().item())
-        if error > 1e-5:
-            warnings.warn(f"patch_model: the model's rotary embedding differs from rope_cos_sin(rope_theta="
-                          f"{self._rope_theta}) by up to {error:.3g} over {check} positions (its inv_freq buffer is "
-                          f"{self._rope_inv_freq.dtype}: was the model cast with .to(dtype)?). fa_fused "
-                          "uses the model's own tables, as stock attention does.", stacklevel=4)
 
     # ------------------------------------------------------------------ the patched attention forward
     def _attention_forward(self, module, original, hidden_states, position_embeddings=None, attention_mask=None,
@@ -284,62 +245,13 @@ class PatchHandle:
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         plan = cache.current_plan
         if plan is None:
-            cache._require_plan(f"layer {module.layer_idx}")  # raises: no step in progress
-        if self._fuses(module, hidden_states, plan, kwargs):
-            return self._fused_decode(module, hidden_states, cache, plan)
+            cache.require_plan(f"layer {module.layer_idx}")  # raises: no step in progress
+        if can_fuse(module, hidden_states, plan, kwargs):
+            self.fused_calls += 1
+            return fused_decode(module, hidden_states, cache, plan, self._rope.cos, self._rope.sin)
         # Stock code: the cache's update returns every seen position in DynamicCache's layout, so the model's
         # own mask, attention implementation and attention weights apply unchanged.
         return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-
-    @staticmethod
-    def _fuses(module, hidden_states, plan, kwargs) -> bool:
-        """Whether this step is one ``fa_fused`` call: one new real token per row, a mask that sees exactly the
-        cached tokens, and nothing the op does not give (attention weights, dropout, gradients)."""
-        if plan.query_length != 1 or not plan.all_real or not plan.mask_matches_cache:
-            return False
-        if _attentions_requested(kwargs) or (module.training and module.attention_dropout > 0):
-            return False
-        # fa_fused is inference-only: it raises under grad mode when an input requires grad.
-        return not (torch.is_grad_enabled()
-                    and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())))
-
-    def _fused_decode(self, module, hidden_states, cache, plan):
-        batch = hidden_states.shape[0]
-        head_dim = module.head_dim
-        query = module.q_proj(hidden_states).view(batch, -1, head_dim)
-        key = module.k_proj(hidden_states).view(batch, -1, head_dim)
-        value = module.v_proj(hidden_states).view(batch, -1, head_dim)
-        layer = cache.layers[module.layer_idx]
-        out = torch.ops.qwen.fa_fused(
-            query, key, value, module.q_norm.weight, module.k_norm.weight, self._cos, self._sin,
-            layer.k_cache, layer.v_cache, cache.block_table, plan.seq_lens,
-            positions=plan.decode_positions, slot_mapping=plan.decode_slots,
-            eps=module.q_norm.variance_epsilon, scale=module.scaling)
-        self.fused_calls += 1
-        return module.o_proj(out.reshape(batch, 1, -1)), None
-
-
-def _attentions_requested(kwargs) -> bool:
-    """Whether this forward must return attention weights: the ``output_attentions`` kwarg, or the output
-    collector that transformers' ``capture_outputs`` set up for this forward (from that kwarg or
-    ``config.output_attentions``)."""
-    if kwargs.get("output_attentions"):
-        return True
-    collector = _active_collector.get()
-    return collector is not None and "attentions" in collector
-
-
-def _rope_settings(config):
-    parameters = getattr(config, "rope_parameters", None) or {}
-    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
-    if rope_type == "default" and theta is None:
-        raise ValueError("patch_model: the config has no rope_theta (config.rope_parameters['rope_theta'])")
-    if rope_type == "dynamic" or rope_type == "longrope":
-        raise NotImplementedError(f"patch_model: rope_type={rope_type!r} rescales RoPE with the sequence length; "
-                                  "fa_fused takes fixed cos/sin tables")
-    return rope_type, theta
-
 
 def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
                 max_memory: Optional[int] = None) -> PatchHandle:
@@ -402,7 +314,7 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
             raise NotImplementedError("patch_model: q_norm and k_norm have different eps; fa_fused takes one")
     handle = PatchHandle(model, bases[0], attentions, block_size, num_blocks, max_memory)
     if not bases[0].rotary_emb.inv_freq.is_meta:   # a meta model has no values: its tables wait for its first step
-        handle._ensure_rope(_MIN_ROPE_TABLE)
+        handle._rope.ensure(MIN_ROPE_TABLE)
     handle._apply()
     _HANDLES[model] = handle
     return handle

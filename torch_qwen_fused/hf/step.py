@@ -1,0 +1,82 @@
+"""One forward step through a ``PagedKVCache``: what it writes and whether the fused decode can serve it.
+
+``PagedKVCache.begin_forward`` builds the ``StepPlan`` once for all layers from HF's mask and position ids.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["StepPlan", "real_new_tokens", "mask_sees_exactly"]
+
+
+@dataclass
+class StepPlan:
+    """What one forward step writes, computed once for all layers by ``PagedKVCache.begin_forward``."""
+
+    query_length: int
+    seen: int                    # positions seen per row before this step (padding included)
+    real: torch.Tensor           # [B, q] bool: which new tokens are real (not padding)
+    all_real: bool
+    positions: torch.Tensor      # [B, q] int64: HF position ids (RoPE positions) of the new tokens
+    past_lens: torch.Tensor      # [B] int64: real tokens cached before this step
+    seq_lens: torch.Tensor       # [B] int32: real tokens cached after this step
+    slots: torch.Tensor          # [B, q] int64: flat cache slot of each new token, -1 for padding
+    real_index: Optional[torch.Tensor]  # [N] int64: flat (b * q + t) index of the real new tokens, None if all
+    real_slots: torch.Tensor     # [N] int64: their slots
+    mask_matches_cache: bool     # the step's mask lets each row see exactly its cached tokens (and itself)
+    new_blocks: list             # [(row, block)] allocated by this step, undone if the step never commits
+    seen_slots: Optional[tuple] = None  # (slots [B, seen], stored [B, seen]) of the past, built on demand
+
+    @property
+    def has_past(self) -> bool:
+        """Attention must read the seen positions from the cache (HF's mask spans seen + q)."""
+        return self.seen > 0
+
+    @property
+    def decode_positions(self) -> torch.Tensor:
+        return self.positions[:, 0]
+
+    @property
+    def decode_slots(self) -> torch.Tensor:
+        return self.slots[:, 0]
+
+
+def real_new_tokens(attention_mask, batch_size: int, query_length: int, device) -> torch.Tensor:
+    """[B, q] bool: which of a step's new tokens are real, from HF's 2-D mask (its last q columns) or a 4-D
+    one (its diagonal); all of them without a mask."""
+    if attention_mask is None:
+        return torch.ones(batch_size, query_length, dtype=torch.bool, device=device)
+    mask = attention_mask.to(device)
+    if mask.dim() == 2 and mask.shape[0] == batch_size and mask.shape[1] >= query_length:
+        return mask[:, -query_length:].bool()
+    if mask.dim() == 4 and mask.shape[0] == batch_size and mask.shape[2] == query_length:
+        offset = mask.shape[3] - query_length
+        diagonal = mask[:, 0].diagonal(offset=offset, dim1=-2, dim2=-1)
+        return diagonal if mask.dtype == torch.bool else diagonal == 0
+    raise ValueError(f"PagedKVCache: attention_mask must be [batch, seen + {query_length}] (2-D) or "
+                     f"[batch, 1, {query_length}, kv] (4-D), got {list(attention_mask.shape)}")
+
+
+def mask_sees_exactly(attention_mask, stored: torch.Tensor, query_length: int) -> bool:
+    """Whether the step's mask lets each row see exactly its stored tokens (``stored`` [B, seen] bool) (then the paged decode, which
+    attends to them, computes what the mask asks); raises if it marks real a position with no token."""
+    seen = stored.shape[1]
+    if seen == 0:
+        return True
+    if attention_mask is None:
+        seen_real = torch.ones_like(stored)
+    elif attention_mask.dim() == 2 and attention_mask.shape[1] == seen + query_length:
+        seen_real = attention_mask[:, :seen].to(stored.device).bool()
+    else:
+        return False    # a 4-D (or shorter 2-D) mask: the stock attention applies it as it is
+    missing = seen_real & ~stored
+    if bool(missing.any()):
+        row, position = (int(i) for i in missing.nonzero()[0])
+        raise ValueError(
+            f"PagedKVCache: attention_mask {'is None, which marks' if attention_mask is None else 'marks'} "
+            f"position {position} of row {row} as a real token, but the cache holds no token there (it was "
+            "padding, or the row was freed): pass the 2-D attention_mask of the whole sequence, with 0 where "
+            "stored_positions is False")
+    return bool(torch.equal(seen_real, stored))
