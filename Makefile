@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXTENSION := torch_qwen_fused/_C.stamp
 CSRC := $(shell find csrc -name "*.cpp" -o -name "*.h") setup.py
 
-.PHONY: setup test test-pypto demo bench bench-op bench-decode bench-pypto clean
+.PHONY: setup lint format test test-pypto demo bench bench-op bench-decode bench-pypto clean
 
 setup: $(EXTENSION)
 
@@ -27,7 +27,16 @@ $(EXTENSION): $(DEPS_STAMP) $(CSRC)
 	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup
+# Python (ruff, configured in pyproject.toml) and C++ (clang-format, .clang-format).
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(shell find csrc -name "*.cpp" -o -name "*.h")
+
+format: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(shell find csrc -name "*.cpp" -o -name "*.h")
+
+test: lint setup
 	$(PY) -m pytest -q -ra
 
 # Every pypto CPU-replay case (seconds each).
@@ -40,13 +49,15 @@ demo: setup
 bench: bench-op bench-decode
 
 bench-op: setup
-	$(PY) benchmarks/bench_op.py
+	$(PY) -m benchmarks.bench_op
 
 bench-decode: setup
-	$(PY) benchmarks/bench_decode.py
+	$(PY) -m benchmarks.bench_decode
 
 bench-pypto: setup
-	$(PY) benchmarks/bench_pypto_costmodel.py
+	$(PY) -m benchmarks.bench_pypto_costmodel
 
 clean:
 	rm -rf build torch_qwen_fused/_C*.so $(EXTENSION)
+
+# `DEBUG=1 make setup` after `make clean`: the extension without optimisation, with symbols (setup.py).

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import plot  # noqa: E402
+from benchmarks import common, plot  # noqa: E402
 
 from torch_qwen_fused import demo, hf  # noqa: E402
 

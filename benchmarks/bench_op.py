@@ -43,12 +43,10 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import plot  # noqa: E402
+from benchmarks import common, plot  # noqa: E402
 
 import torch_qwen_fused  # noqa: E402
-from torch_qwen_fused import reference  # noqa: E402
+from torch_qwen_fused.backends import eager as reference  # noqa: E402
 
 MAIN_METHODS = ("fused", "eager", "gather_sdpa", "contig_sdpa", "floor")
 ROPE_THETA = 1e6
@@ -66,7 +64,7 @@ FLOOR_READERS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int32-amax": lambda t: t.view(torch.int32).amax(),
 }
 
-# Fused vs each other method: |a - b| <= atol + rtol * |b| (SPEC section 4; the SDPA methods round
+# Fused vs each other method: |a - b| <= atol + rtol * |b| (docs/contract.md, section 4; the SDPA methods round
 # q to the cache dtype and accumulate in another order, hence a looser fp32 bound for them).
 TOLERANCES = {
     torch.float32: {"eager": (1e-5, 1e-5), "sdpa": (1e-4, 1e-4)},
@@ -98,9 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # In a model, the other layers' weights and caches pass through the caches between two calls of
     # one layer's attention: its K/V always comes from DRAM. Without the flush, shapes whose K/V fit
     # in the last-level cache would time cache reads (and one method would warm it for the next).
-    parser.add_argument("--flush-cache-mib", type=int, default=64,
+    parser.add_argument("--flush-cache-mib", type=int, default=None,
                         help="write a buffer of this many MiB before every timed call to start from a "
-                             "cold last-level cache (default 64: twice this machine's L3; 0: off)")
+                             "cold last-level cache (default: twice this machine's last-level cache; 0: off)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory profiling calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
@@ -311,6 +309,7 @@ def main(argv=None) -> int:
         print(f"bench_op: warning: --reps {args.reps} < 10; medians this short are smoke only", file=sys.stderr)
     grid = [(batch, context, dtype, block) for batch in args.batches for dtype in args.dtypes
             for block in args.blocks for context in args.contexts]
+    flusher = common.CacheFlusher(args.flush_cache_mib)
     payload = {
         "benchmark": "bench_op",
         "description": "one fa_fused decode step on the CPU: fused kernel vs eager fallback vs gather+SDPA "
@@ -320,7 +319,7 @@ def main(argv=None) -> int:
         "config": {"batches": args.batches, "contexts": args.contexts, "dtypes": args.dtypes,
                    "blocks": args.blocks, "heads": args.heads, "kv_heads": args.kv_heads,
                    "head_dim": args.head_dim, "methods": args.methods, "reps": args.reps,
-                   "warmup": args.warmup, "flush_cache_mib": args.flush_cache_mib, "eps": EPS,
+                   "warmup": args.warmup, "flush_cache_mib": flusher.mib, "eps": EPS,
                    "rope_theta": ROPE_THETA, "seed": args.seed, "seq_lens": "uniform, all = L",
                    "floor_readers": list(FLOOR_READERS), "quick": args.quick},
         "checks": [],
@@ -331,7 +330,6 @@ def main(argv=None) -> int:
                  "time_unit": ["ms", 1e3],
                  "title": f"fa_fused decode step, Hq/Hkv/D = {args.heads}/{args.kv_heads}/{args.head_dim}"},
     }
-    flusher = common.CacheFlusher(args.flush_cache_mib)
     methods_per_shape = len(args.methods) - 1 + len(FLOOR_READERS) if "floor" in args.methods else len(args.methods)
     progress = common.Progress(total=len(grid) * (args.warmup + args.reps), desc="bench_op")
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""pypto's cost-model estimate of the pypto kernel's NPU time, next to the upstream figures (SPEC section 6).
+"""pypto's cost-model estimate of the pypto kernel's NPU time, next to the upstream figures (docs/contract.md, section 6).
 
     python benchmarks/bench_pypto_costmodel.py                  # Qwen3-14B: B=16, ctx 4096, block 128, bf16
     python benchmarks/bench_pypto_costmodel.py -B 2 --ctx 512   # a quick one
@@ -16,7 +16,7 @@ small runs; above its drawing threshold (as at B=16 ctx 4096) pypto skips that s
 script runs pypto's own draw_swim_lane.py on the run's swim-lane files to recover it. Cycles / 1800
 = microseconds at the script's default 1.8 GHz (its trans_cycles_to_time).
 
-Upstream figures (SPEC section 6; Ascend 910B, bf16, batch 16, ctx 4096): the upstream pypto-lib
+Upstream figures (docs/contract.md, section 6; Ascend 910B, bf16, batch 16, ctx 4096): the upstream pypto-lib
 fused kernel ~1263 us on-core; CANN's hand-written kernel ~548 us.
 """
 
@@ -31,15 +31,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 import torch_qwen_fused  # noqa: E402
-from torch_qwen_fused import pypto_compat  # noqa: E402
-from torch_qwen_fused.pypto_backend import kernel_config, prepare  # noqa: E402
-from torch_qwen_fused.pypto_kernel import RUNTIME_OPTIONS, KernelTiles, build_kernel  # noqa: E402
+from torch_qwen_fused.backends.pypto import compat as pypto_compat  # noqa: E402
+from torch_qwen_fused.backends.pypto.replay import kernel_config, prepare  # noqa: E402
+from torch_qwen_fused.backends.pypto.kernel import RUNTIME_OPTIONS, KernelTiles, build_kernel  # noqa: E402
 
 UPSTREAM_PYPTO_US = 1263.0
 CANN_US = 548.0
@@ -124,7 +122,8 @@ def main():
                         help="run draw_swim_lane.py even when pypto printed its summary (a cross-check)")
     parser.add_argument("--keep-output", default=None, help="copy pypto's output dir here (for inspection)")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
-    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_pypto_costmodel[_tag].json)")
+    parser.add_argument("--out", default=None,
+                        help="results JSON (default benchmarks/results/bench_pypto_costmodel[_tag].json)")
     args = parser.parse_args()
 
     dtype = common.DTYPES[args.dtype]

@@ -35,7 +35,7 @@ def int_list(text: str) -> List[int]:
     try:
         values = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -148,10 +148,27 @@ def summarize(times_s: Sequence[float]) -> Dict[str, object]:
     }
 
 
-class CacheFlusher:
-    """Evicts the last-level cache between timed calls by writing a buffer of ``mib`` MiB (0: off)."""
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """Size of this machine's largest CPU cache (Linux sysfs), or ``default`` where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (entry / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes) if sizes else default
 
-    def __init__(self, mib: int):
+
+class CacheFlusher:
+    """Evicts the last-level cache between timed calls by writing a buffer of ``mib`` MiB (0: off; None:
+    twice this machine's last-level cache)."""
+
+    def __init__(self, mib: Optional[int]):
+        if mib is None:
+            mib = 2 * last_level_cache_bytes() // 2**20
+        self.mib = mib
         self.buffer = torch.empty(mib * 2**20 // 4, dtype=torch.float32) if mib > 0 else None
 
     def __call__(self) -> None:

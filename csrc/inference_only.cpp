@@ -49,8 +49,8 @@ at::Tensor fa_fused_inplace_or_view(const at::Tensor& q, const at::Tensor& k, co
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = fa_fused_op().call(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
-                             seq_lens, positions, slot_mapping, eps, scale);
+    out = fa_fused_op().call(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                             positions, slot_mapping, eps, scale);
   }
   for (const at::Tensor* cache : {&k_cache, &v_cache}) {
     // Inference tensors have no version counter (and the kernel refused them outside inference mode).
@@ -61,12 +61,8 @@ at::Tensor fa_fused_inplace_or_view(const at::Tensor& q, const at::Tensor& k, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qwen, Autograd, m) {
-  m.impl("fa_fused", &fa_fused_autograd);
-}
+TORCH_LIBRARY_IMPL(qwen, Autograd, m) { m.impl("fa_fused", &fa_fused_autograd); }
 
-TORCH_LIBRARY_IMPL(qwen, ADInplaceOrView, m) {
-  m.impl("fa_fused", &fa_fused_inplace_or_view);
-}
+TORCH_LIBRARY_IMPL(qwen, ADInplaceOrView, m) { m.impl("fa_fused", &fa_fused_inplace_or_view); }
 
 }  // namespace qwen_fused

@@ -16,18 +16,12 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+bool is_supported_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 // Norm weights and RoPE tables are read value by value (float_at), in any of these.
-bool is_table_dtype(at::ScalarType t) {
-  return is_supported_dtype(t) || t == at::kDouble;
-}
+bool is_table_dtype(at::ScalarType t) { return is_supported_dtype(t) || t == at::kDouble; }
 
-std::string shape_of(const at::Tensor& t) {
-  return c10::str(t.sizes());
-}
+std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
 
 // As Python prints it ("torch.bfloat16").
 std::string dtype_name(const at::Tensor& t) {
@@ -35,8 +29,8 @@ std::string dtype_name(const at::Tensor& t) {
 }
 
 void check_index_tensor(const char* name, const at::Tensor& t, int64_t batch) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, "fa_fused: ", name, " must have shape [", batch,
-                    "], got ", shape_of(t));
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, "fa_fused: ", name, " must have shape [", batch, "], got ",
+                    shape_of(t));
   TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "fa_fused: ", name,
                     " must be int64 (or int32), got ", dtype_name(t));
 }
@@ -49,24 +43,24 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
                   const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
                   const std::optional<at::Tensor>& slot_mapping) {
-  TORCH_CHECK_VALUE(q.dim() == 3, "fa_fused: q must be 3-D [batch, num_heads, head_dim], got ", q.dim(),
-                    "-D shape ", shape_of(q));
+  TORCH_CHECK_VALUE(q.dim() == 3, "fa_fused: q must be 3-D [batch, num_heads, head_dim], got ", q.dim(), "-D shape ",
+                    shape_of(q));
   TORCH_CHECK_VALUE(is_supported_dtype(q.scalar_type()), "fa_fused: q must be float32, float16 or bfloat16, got ",
                     dtype_name(q));
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   TORCH_CHECK_VALUE(head_dim % 16 == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
                     "fa_fused: q.shape[2] (head_dim) must be a multiple of 16 in [16, ", kMaxHeadDim, "], got ",
                     head_dim);
-  TORCH_CHECK_VALUE(k.dim() == 3, "fa_fused: k must be 3-D [batch, num_kv_heads, head_dim], got ", k.dim(),
-                    "-D shape ", shape_of(k));
+  TORCH_CHECK_VALUE(k.dim() == 3, "fa_fused: k must be 3-D [batch, num_kv_heads, head_dim], got ", k.dim(), "-D shape ",
+                    shape_of(k));
   const int64_t num_kv_heads = k.size(1);
-  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "fa_fused: num_heads (q.shape[1] = ",
-                    num_heads, ") must be a multiple of num_kv_heads (k.shape[1] = ", num_kv_heads, ")");
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "fa_fused: num_heads (q.shape[1] = ", num_heads,
+                    ") must be a multiple of num_kv_heads (k.shape[1] = ", num_kv_heads, ")");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef({batch, num_kv_heads, head_dim}), "fa_fused: ", name,
                       " must have shape [", batch, ", ", num_kv_heads, ", ", head_dim, "], got ", shape_of(t));
-    TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "fa_fused: ", name, " must have q's dtype ",
-                      dtype_name(q), ", got ", dtype_name(t));
+    TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "fa_fused: ", name, " must have q's dtype ", dtype_name(q),
+                      ", got ", dtype_name(t));
   }
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor&>{"q_norm_weight", q_norm_weight}, {"k_norm_weight", k_norm_weight}}) {
@@ -86,16 +80,16 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(k_cache.dim() == 4, "fa_fused: k_cache must be 4-D [num_blocks, block_size, num_kv_heads, ",
                     "head_dim], got ", k_cache.dim(), "-D shape ", shape_of(k_cache));
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
-  TORCH_CHECK_VALUE(num_blocks > 0 && block_size > 0, "fa_fused: k_cache must have num_blocks and block_size >= 1, got ",
-                    shape_of(k_cache));
+  TORCH_CHECK_VALUE(num_blocks > 0 && block_size > 0,
+                    "fa_fused: k_cache must have num_blocks and block_size >= 1, got ", shape_of(k_cache));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache}}) {
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef({num_blocks, block_size, num_kv_heads, head_dim}), "fa_fused: ",
-                      name, " must have shape [", num_blocks, ", ", block_size, ", ", num_kv_heads, ", ", head_dim,
-                      "], got ", shape_of(t));
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef({num_blocks, block_size, num_kv_heads, head_dim}),
+                      "fa_fused: ", name, " must have shape [", num_blocks, ", ", block_size, ", ", num_kv_heads, ", ",
+                      head_dim, "], got ", shape_of(t));
     TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), "fa_fused: ", name,
                       " must be float32, float16 or bfloat16, got ", dtype_name(t));
-    TORCH_CHECK_VALUE(t.is_contiguous(), "fa_fused: ", name, " must be contiguous (it is written in place), got strides ",
-                      t.strides());
+    TORCH_CHECK_VALUE(t.is_contiguous(), "fa_fused: ", name,
+                      " must be contiguous (it is written in place), got strides ", t.strides());
   }
   TORCH_CHECK_VALUE(v_cache.scalar_type() == k_cache.scalar_type(), "fa_fused: v_cache must have k_cache's dtype ",
                     dtype_name(k_cache), ", got ", dtype_name(v_cache));
@@ -105,19 +99,25 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     dtype_name(block_table));
   TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.size(0) == batch, "fa_fused: seq_lens must have shape [", batch,
                     "], got ", shape_of(seq_lens));
-  TORCH_CHECK_VALUE(seq_lens.scalar_type() == at::kInt, "fa_fused: seq_lens must be int32, got ",
-                    dtype_name(seq_lens));
+  TORCH_CHECK_VALUE(seq_lens.scalar_type() == at::kInt, "fa_fused: seq_lens must be int32, got ", dtype_name(seq_lens));
   if (positions) check_index_tensor("positions", *positions, batch);
   if (slot_mapping) check_index_tensor("slot_mapping", *slot_mapping, batch);
-  const NamedTensor named[] = {
-      {"k", &k}, {"v", &v}, {"q_norm_weight", &q_norm_weight}, {"k_norm_weight", &k_norm_weight},
-      {"cos", &cos}, {"sin", &sin}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
-      {"block_table", &block_table}, {"seq_lens", &seq_lens},
-      {"positions", positions ? &*positions : nullptr}, {"slot_mapping", slot_mapping ? &*slot_mapping : nullptr}};
+  const NamedTensor named[] = {{"k", &k},
+                               {"v", &v},
+                               {"q_norm_weight", &q_norm_weight},
+                               {"k_norm_weight", &k_norm_weight},
+                               {"cos", &cos},
+                               {"sin", &sin},
+                               {"k_cache", &k_cache},
+                               {"v_cache", &v_cache},
+                               {"block_table", &block_table},
+                               {"seq_lens", &seq_lens},
+                               {"positions", positions ? &*positions : nullptr},
+                               {"slot_mapping", slot_mapping ? &*slot_mapping : nullptr}};
   for (const auto& [name, t] : named) {
     if (t) {
-      TORCH_CHECK_VALUE(t->device() == q.device(), "fa_fused: ", name, " must be on q's device ", q.device(),
-                        ", got ", t->device());
+      TORCH_CHECK_VALUE(t->device() == q.device(), "fa_fused: ", name, " must be on q's device ", q.device(), ", got ",
+                        t->device());
     }
   }
 }
@@ -149,12 +149,20 @@ void check_writes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       " is an inference tensor (created under torch.inference_mode()) and is written in place: call "
                       "fa_fused inside torch.inference_mode() too, or create the cache outside it");
   }
-  TORCH_CHECK_VALUE(!spans_overlap(k_cache, v_cache),
-                    "fa_fused: v_cache shares memory with k_cache; both are written in place, so they must not overlap");
-  const NamedTensor inputs[] = {
-      {"q", &q}, {"k", &k}, {"v", &v}, {"q_norm_weight", &q_norm_weight}, {"k_norm_weight", &k_norm_weight},
-      {"cos", &cos}, {"sin", &sin}, {"block_table", &block_table}, {"seq_lens", &seq_lens},
-      {"positions", positions ? &*positions : nullptr}, {"slot_mapping", slot_mapping ? &*slot_mapping : nullptr}};
+  TORCH_CHECK_VALUE(
+      !spans_overlap(k_cache, v_cache),
+      "fa_fused: v_cache shares memory with k_cache; both are written in place, so they must not overlap");
+  const NamedTensor inputs[] = {{"q", &q},
+                                {"k", &k},
+                                {"v", &v},
+                                {"q_norm_weight", &q_norm_weight},
+                                {"k_norm_weight", &k_norm_weight},
+                                {"cos", &cos},
+                                {"sin", &sin},
+                                {"block_table", &block_table},
+                                {"seq_lens", &seq_lens},
+                                {"positions", positions ? &*positions : nullptr},
+                                {"slot_mapping", slot_mapping ? &*slot_mapping : nullptr}};
   for (const auto& [name, t] : inputs) {
     for (const auto& [cache_name, cache] : caches) {
       TORCH_CHECK_VALUE(!t || !spans_overlap(*t, *cache), "fa_fused: ", name, " overlaps ", cache_name,
@@ -191,8 +199,8 @@ IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens
   }
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t needed = (lens[b] + block_size - 1) / block_size;
-    TORCH_CHECK_VALUE(needed <= max_blocks, "fa_fused: seq_lens[", b, "] = ", lens[b], " needs ", needed,
-                      " blocks of ", block_size, ", but block_table has ", max_blocks, " columns");
+    TORCH_CHECK_VALUE(needed <= max_blocks, "fa_fused: seq_lens[", b, "] = ", lens[b], " needs ", needed, " blocks of ",
+                      block_size, ", but block_table has ", max_blocks, " columns");
   }
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t needed = (lens[b] + block_size - 1) / block_size;
@@ -210,8 +218,8 @@ IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens
                         "] = ", plan.positions[b], " is outside the cos/sin table [0, ", max_position, ")");
     } else {
       plan.positions[b] = lens[b] - 1;
-      TORCH_CHECK_VALUE(plan.positions[b] < max_position, "fa_fused: default position seq_lens[", b, "] - 1 = ",
-                        plan.positions[b], " is outside the cos/sin table [0, ", max_position, ")");
+      TORCH_CHECK_VALUE(plan.positions[b] < max_position, "fa_fused: default position seq_lens[", b,
+                        "] - 1 = ", plan.positions[b], " is outside the cos/sin table [0, ", max_position, ")");
     }
   }
   plan.slots.resize(batch);
@@ -247,10 +255,15 @@ IndexPlan check_values(const at::Tensor& block_table, const at::Tensor& seq_lens
 
 void check_no_grad(const FaFusedArgs& a) {
   if (!c10::GradMode::is_enabled()) return;
-  const NamedTensor differentiable[] = {
-      {"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"q_norm_weight", &a.q_norm_weight},
-      {"k_norm_weight", &a.k_norm_weight}, {"cos", &a.cos}, {"sin", &a.sin}, {"k_cache", &a.k_cache},
-      {"v_cache", &a.v_cache}};
+  const NamedTensor differentiable[] = {{"q", &a.q},
+                                        {"k", &a.k},
+                                        {"v", &a.v},
+                                        {"q_norm_weight", &a.q_norm_weight},
+                                        {"k_norm_weight", &a.k_norm_weight},
+                                        {"cos", &a.cos},
+                                        {"sin", &a.sin},
+                                        {"k_cache", &a.k_cache},
+                                        {"v_cache", &a.v_cache}};
   for (const auto& [name, t] : differentiable) {
     TORCH_CHECK(!t->requires_grad(), "fa_fused: ", name,
                 " requires grad, but fa_fused is inference-only (it has no backward): call it under "
@@ -280,16 +293,14 @@ void fa_fused_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
                     const std::optional<at::Tensor>& slot_mapping) {
-  const FaFusedArgs args{q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                         positions, slot_mapping};
+  const FaFusedArgs args{q,       k,       v,           q_norm_weight, k_norm_weight, cos,         sin,
+                         k_cache, v_cache, block_table, seq_lens,      positions,     slot_mapping};
   check_no_grad(args);
   validate(args);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qwen, CompositeExplicitAutograd, m) {
-  m.impl("fa_fused_check", &fa_fused_check);
-}
+TORCH_LIBRARY_IMPL(qwen, CompositeExplicitAutograd, m) { m.impl("fa_fused_check", &fa_fused_check); }
 
 }  // namespace qwen_fused

@@ -31,7 +31,7 @@ struct FaFusedArgs {
 // What the kernels need from the index tensors, read once on the host while checking them.
 struct IndexPlan {
   std::vector<int64_t> positions;  // RoPE position of each row's new token
-  std::vector<int64_t> slots;  // its cache slot, -1: not written
+  std::vector<int64_t> slots;      // its cache slot, -1: not written
   int64_t max_len = 0;
   int64_t total_len = 0;  // sum of seq_lens: how much attention work the call has
 };

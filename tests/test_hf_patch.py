@@ -129,7 +129,7 @@ def assert_cache_matches_stock(paged, dynamic):
 
 @pytest.mark.parametrize("kind", list(PROMPTS))
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=lambda l: "x".join(map(str, l)))
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS, ids=lambda layout: "x".join(map(str, layout)))
 def test_greedy_matches_stock(layout, block_size, kind):
     model = qwen3_model(layout)
     stock = stock_run(layout, kind)
@@ -379,7 +379,7 @@ def test_out_of_blocks_is_clear_and_other_rows_go_on():
         freed = set(cache.row_blocks[1])
         cache.batch_select_indices(torch.tensor([0]))
         ids, mask = ids[:1], mask[:1]
-        for step in range(6):
+        for _ in range(6):
             token = logits[-1][:1].argmax(-1, keepdim=True)
             ids, mask = torch.cat((ids, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
             logits.append(forward_step(model, cache, ids, mask, 1))

@@ -15,7 +15,6 @@ import textwrap
 import pytest
 import torch
 
-import torch_qwen_fused
 from torch_qwen_fused.backends import npu
 from torch_qwen_fused.backends.pypto import compat, replay
 from torch_qwen_fused.testing import check_against_reference, make_case

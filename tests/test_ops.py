@@ -15,7 +15,8 @@ from torch_qwen_fused.testing import TOLERANCES, check_against_reference, cpu_su
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCK_SIZES = [1, 16, 48, 128]
-HEAD_LAYOUTS = [(4, 4), (10, 2), (40, 8), (16, 2)]
+# (num_heads, num_kv_heads): MHA, GQA 5 (Qwen3-14B 40/8), GQA 8, and vLLM's odd ones (9/3, 12/4 -> group 3).
+HEAD_LAYOUTS = [(4, 4), (10, 2), (40, 8), (16, 2), (9, 3), (12, 4)]
 HEAD_DIMS = [64, 128]
 
 
@@ -77,6 +78,12 @@ def test_kv_split_on_and_off(fresh_env, chunk_tokens, dtype):
 
 def test_batch_of_one_long_context_splits_and_matches(fresh_env):
     case = make_case([5000], 40, 8, 128, 128, torch.bfloat16)
+    check_backends(case)
+
+
+def test_a_7000_token_row_next_to_short_ones(fresh_env):
+    # Odd length (not a multiple of the tile, the chunk or the block), ragged neighbours, odd head layout.
+    case = make_case([7001, 1, 130], 9, 3, 128, 16, torch.bfloat16, skip_rows=(1,))
     check_backends(case)
 
 

@@ -102,7 +102,8 @@ BAD_INPUTS = {
     "cache integer": (replace(k_cache=lambda c: c.k_cache.to(torch.int16), v_cache=lambda c: c.v_cache.to(torch.int16)),
                       "k_cache must be float32, float16 or bfloat16"),
     "block_table int64": (replace(block_table=lambda c: c.block_table.long()), "block_table must be int32"),
-    "block_table rows": (replace(block_table=lambda c: c.block_table[:1]), "block_table must have shape [2, max_blocks]"),
+    "block_table rows": (replace(block_table=lambda c: c.block_table[:1]),
+                         "block_table must have shape [2, max_blocks]"),
     "seq_lens int64": (replace(seq_lens=lambda c: c.seq_lens.long()), "seq_lens must be int32"),
     "seq_lens shape": (replace(seq_lens=lambda c: c.seq_lens[:1]), "seq_lens must have shape [2]"),
     "seq_len 0": (set_item("seq_lens", 1, 0), "seq_lens[1] must be >= 1 (it counts the new token), got 0"),
@@ -118,14 +119,15 @@ BAD_INPUTS = {
     "position negative": (set_item("positions", 0, -1), "positions[0] = -1 is outside the cos/sin table"),
     "default position past the table": (replace(positions=None, cos=lambda c: c.cos[:20], sin=lambda c: c.sin[:20]),
                                         "default position seq_lens[1] - 1 = 32 is outside the cos/sin table [0, 20)"),
-    "slot past the cache": (set_item("slot_mapping", 0, 128), "slot_mapping[0] = 128 is outside the cache's slots [0, 128)"),
+    "slot past the cache": (set_item("slot_mapping", 0, 128),
+                            "slot_mapping[0] = 128 is outside the cache's slots [0, 128)"),
     "slot below -1": (set_item("slot_mapping", 1, -2), "slot_mapping[1] = -2 is outside"),
     "slot_mapping dtype": (replace(slot_mapping=lambda c: c.slot_mapping.float()), "slot_mapping must be int64"),
     "cos float8": (replace(cos=lambda c: c.cos.to(torch.float8_e5m2)),
                    "cos must be float32, float16, bfloat16 or float64, got torch.float8_e5m2"),
     "q_norm_weight float8": (replace(q_norm_weight=lambda c: c.q_norm_weight.to(torch.float8_e4m3fn)),
                              "q_norm_weight must be float32, float16, bfloat16 or float64, got torch.float8_e4m3fn"),
-    # SPEC 5: writes whose result would depend on the kernel's order.
+    # Contract section 5: writes whose result would depend on the kernel's order.
     "k_cache is v_cache": (replace(v_cache=lambda c: c.k_cache),
                            "v_cache shares memory with k_cache; both are written in place"),
     "v_cache overlaps k_cache": (overlapping_caches, "v_cache shares memory with k_cache"),
@@ -233,7 +235,7 @@ GRAD_INPUTS = ["q", "k", "v", "q_norm_weight", "k_norm_weight", "cos", "sin", "k
 
 @pytest.mark.parametrize("name", GRAD_INPUTS)
 def test_inputs_that_require_grad_are_refused(name):
-    """SPEC 4: inference-only. Without the refusal the output claimed requires_grad and backward() left the
+    """Contract section 4: inference-only. Without the refusal the output claimed requires_grad and backward() left the
     gradient None."""
     messages = {}
     for backend, call in BACKEND_CALLS.items():

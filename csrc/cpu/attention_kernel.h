@@ -52,11 +52,10 @@ QWEN_INLINE void score_heads(const float* q, int64_t head_dim, const T* const* k
 // head_dim stay in registers across the tile, so each broadcast probability serves all of them.
 template <class V, class T, int NG, int SLICES>
 QWEN_INLINE void accumulate_slices(float* acc, int64_t head_dim, int64_t d, const float* alpha, const float* probs,
-                              const T* const* v_rows, int64_t num_tokens) {
+                                   const T* const* v_rows, int64_t num_tokens) {
   typename V::reg out[SLICES][NG];
   for (int s = 0; s < SLICES; ++s)
-    for (int g = 0; g < NG; ++g)
-      out[s][g] = V::mul(V::load(acc + g * head_dim + d + s * V::kWidth), V::set1(alpha[g]));
+    for (int g = 0; g < NG; ++g) out[s][g] = V::mul(V::load(acc + g * head_dim + d + s * V::kWidth), V::set1(alpha[g]));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < num_tokens; ++j) {
     typename V::reg v[SLICES];
@@ -72,7 +71,7 @@ QWEN_INLINE void accumulate_slices(float* acc, int64_t head_dim, int64_t d, cons
 
 template <class V, class T, int NG>
 QWEN_INLINE void accumulate_values(float* acc, int64_t head_dim, const float* alpha, const float* probs,
-                              const T* const* v_rows, int64_t num_tokens) {
+                                   const T* const* v_rows, int64_t num_tokens) {
   int64_t d = 0;
   for (; d + 2 * V::kWidth <= head_dim; d += 2 * V::kWidth)
     accumulate_slices<V, T, NG, 2>(acc, head_dim, d, alpha, probs, v_rows, num_tokens);
@@ -86,8 +85,11 @@ struct TokenCursor {
   int64_t logical_block, offset;
 
   TokenCursor(const int32_t* blocks, int64_t block_size, int64_t token_stride, int64_t token)
-      : blocks(blocks), block_size(block_size), token_stride(token_stride),
-        logical_block(token / block_size), offset(token % block_size) {}
+      : blocks(blocks),
+        block_size(block_size),
+        token_stride(token_stride),
+        logical_block(token / block_size),
+        offset(token % block_size) {}
 
   // Element offset of the current token's K/V row (all kv heads); then steps to the next token.
   int64_t next() {
@@ -107,14 +109,30 @@ inline void for_head_slices(int64_t group, Body&& body) {
   static_assert(V::kMaxHeads <= 8, "add cases below");
   for (int64_t g0 = 0; g0 < group; g0 += V::kMaxHeads) {
     switch (group - g0 < V::kMaxHeads ? group - g0 : V::kMaxHeads) {
-      case 1: body.template operator()<1>(g0); break;
-      case 2: body.template operator()<2>(g0); break;
-      case 3: body.template operator()<3>(g0); break;
-      case 4: body.template operator()<4>(g0); break;
-      case 5: body.template operator()<5>(g0); break;
-      case 6: body.template operator()<6>(g0); break;
-      case 7: body.template operator()<7>(g0); break;
-      case 8: body.template operator()<8>(g0); break;
+      case 1:
+        body.template operator()<1>(g0);
+        break;
+      case 2:
+        body.template operator()<2>(g0);
+        break;
+      case 3:
+        body.template operator()<3>(g0);
+        break;
+      case 4:
+        body.template operator()<4>(g0);
+        break;
+      case 5:
+        body.template operator()<5>(g0);
+        break;
+      case 6:
+        body.template operator()<6>(g0);
+        break;
+      case 7:
+        body.template operator()<7>(g0);
+        break;
+      case 8:
+        body.template operator()<8>(g0);
+        break;
     }
   }
 }
@@ -176,7 +194,7 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const int64_t prefetch_begin = begin + kPrefetchTilesAhead * kTokenTile;
   TokenCursor prefetch_cursor(blocks, p.block_size, token_stride, prefetch_begin < end ? prefetch_begin : begin);
 
-  float* scores = scratch;  // [group, kTokenTile]
+  float* scores = scratch;                      // [group, kTokenTile]
   float* alpha = scratch + group * kTokenTile;  // [group]
   int64_t token_offsets[kTokenTile];
   const T* k_rows[kTokenTile];
@@ -229,8 +247,8 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
         running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, shift);
       }
       for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
-        accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile,
-                                    v_rows, num_tokens);
+        accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile, v_rows,
+                                    num_tokens);
       });
     }
   }
@@ -240,9 +258,15 @@ template <class V, class T>
 void attend_items_of(const AttentionProblem& p, int64_t begin, int64_t end, float* scratch) {
   for (int64_t item = begin; item < end; ++item) {
     switch (p.head_dim) {
-      case 128: attend_item<V, T, 128>(p, item, scratch); break;
-      case 64: attend_item<V, T, 64>(p, item, scratch); break;
-      default: attend_item<V, T, 0>(p, item, scratch); break;
+      case 128:
+        attend_item<V, T, 128>(p, item, scratch);
+        break;
+      case 64:
+        attend_item<V, T, 64>(p, item, scratch);
+        break;
+      default:
+        attend_item<V, T, 0>(p, item, scratch);
+        break;
     }
   }
 }
@@ -250,9 +274,15 @@ void attend_items_of(const AttentionProblem& p, int64_t begin, int64_t end, floa
 template <class V>
 void attend_items(const AttentionProblem& p, int64_t begin, int64_t end, float* scratch) {
   switch (p.cache_dtype) {
-    case CacheDtype::kFloat: attend_items_of<V, float>(p, begin, end, scratch); break;
-    case CacheDtype::kBFloat16: attend_items_of<V, BFloat16Bits>(p, begin, end, scratch); break;
-    case CacheDtype::kHalf: attend_items_of<V, HalfBits>(p, begin, end, scratch); break;
+    case CacheDtype::kFloat:
+      attend_items_of<V, float>(p, begin, end, scratch);
+      break;
+    case CacheDtype::kBFloat16:
+      attend_items_of<V, BFloat16Bits>(p, begin, end, scratch);
+      break;
+    case CacheDtype::kHalf:
+      attend_items_of<V, HalfBits>(p, begin, end, scratch);
+      break;
   }
 }
 

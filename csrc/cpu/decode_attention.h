@@ -22,14 +22,14 @@ constexpr int64_t kTokenTile = 32;
 // One call's attention, split into work items over a flat (row, KV chunk) index; each item runs
 // every kv head of its row over its chunk and leaves one partial result per (row, kv head, chunk).
 struct AttentionProblem {
-  const float* q;  // [batch, num_heads, head_dim], normed, roped and multiplied by the scale
+  const float* q;       // [batch, num_heads, head_dim], normed, roped and multiplied by the scale
   const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
   const void* v_cache;
   CacheDtype cache_dtype;
   const int32_t* block_table;  // [batch, >= max blocks of a row]
-  const int32_t* seq_lens;  // [batch]
+  const int32_t* seq_lens;     // [batch]
   int64_t batch, num_heads, num_kv_heads, head_dim, block_size;
-  int64_t block_table_stride;  // elements from one row of block_table to the next (its columns are contiguous)
+  int64_t block_table_stride;     // elements from one row of block_table to the next (its columns are contiguous)
   int64_t chunk_len, num_chunks;  // KV split: chunk c of a row covers tokens [c * chunk_len, (c + 1) * chunk_len)
   // Per (row, kv head, chunk) and query head of the group: running max, running sum, unnormalised output.
   float* partial_max;  // [batch, num_kv_heads, num_chunks, group]

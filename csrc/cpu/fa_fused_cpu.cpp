@@ -35,9 +35,7 @@ constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kMinParallelValues = 32768;
 constexpr int64_t kFloatsPerCacheLine = 64 / sizeof(float);
 
-int64_t round_up(int64_t x, int64_t multiple) {
-  return (x + multiple - 1) / multiple * multiple;
-}
+int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 // The attention kernel for this CPU; TORCH_QWEN_FUSED_CPU_ISA=generic|avx2|avx512 forces one
 // (tests use it to cover every variant the machine can run).
@@ -120,11 +118,16 @@ CacheDtype cache_dtype_of(at::ScalarType t) {
 float float_at(const at::Tensor& t, int64_t offset) {
   const int64_t i = offset;
   switch (t.scalar_type()) {
-    case at::kFloat: return t.const_data_ptr<float>()[i];
-    case at::kBFloat16: return static_cast<float>(t.const_data_ptr<c10::BFloat16>()[i]);
-    case at::kHalf: return static_cast<float>(t.const_data_ptr<c10::Half>()[i]);
-    case at::kDouble: return static_cast<float>(t.const_data_ptr<double>()[i]);
-    default: TORCH_CHECK(false, "fa_fused: float_at reached with ", t.scalar_type(), " (validate admits it)");
+    case at::kFloat:
+      return t.const_data_ptr<float>()[i];
+    case at::kBFloat16:
+      return static_cast<float>(t.const_data_ptr<c10::BFloat16>()[i]);
+    case at::kHalf:
+      return static_cast<float>(t.const_data_ptr<c10::Half>()[i]);
+    case at::kDouble:
+      return static_cast<float>(t.const_data_ptr<double>()[i]);
+    default:
+      TORCH_CHECK(false, "fa_fused: float_at reached with ", t.scalar_type(), " (validate admits it)");
   }
   return 0.f;
 }
@@ -223,7 +226,8 @@ void merge_chunks(const AttentionProblem& p, at::Tensor& out) {
       const int64_t chunks = (p.seq_lens[b] + p.chunk_len - 1) / p.chunk_len;
       const int64_t first_partial = (b * p.num_kv_heads + kv_head) * p.num_chunks;
       float global_max = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < chunks; ++c) global_max = std::max(global_max, p.partial_max[(first_partial + c) * group + g]);
+      for (int64_t c = 0; c < chunks; ++c)
+        global_max = std::max(global_max, p.partial_max[(first_partial + c) * group + g]);
       float denominator = 0.f;
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
@@ -276,8 +280,8 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t q_floats = batch * num_heads * head_dim;
   const int64_t scratch_begin = round_up(q_floats + partials * (head_dim + 2), kFloatsPerCacheLine);
   const int64_t scratch_stride = round_up(problem.scratch_floats(), kFloatsPerCacheLine);
-  at::Tensor workspace = at::empty({scratch_begin + threads * scratch_stride + kFloatsPerCacheLine},
-                                   q.options().dtype(at::kFloat));
+  at::Tensor workspace =
+      at::empty({scratch_begin + threads * scratch_stride + kFloatsPerCacheLine}, q.options().dtype(at::kFloat));
   // at::empty aligns to 64 bytes on the CPU; align again in case an allocator does not.
   float* base = workspace.data_ptr<float>();
   base += (kFloatsPerCacheLine - reinterpret_cast<uintptr_t>(base) / sizeof(float) % kFloatsPerCacheLine) %
@@ -319,9 +323,7 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qwen, CPU, m) {
-  m.impl("fa_fused", &fa_fused_cpu);
-}
+TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("fa_fused", &fa_fused_cpu); }
 
 TORCH_LIBRARY_FRAGMENT(qwen, m) {
   // Forgets the CPU kernel's switches (TORCH_QWEN_FUSED_CPU_ISA, TORCH_QWEN_FUSED_KV_CHUNK): the next call

@@ -60,8 +60,9 @@ def real_new_tokens(attention_mask, batch_size: int, query_length: int, device) 
 
 
 def mask_sees_exactly(attention_mask, stored: torch.Tensor, query_length: int) -> bool:
-    """Whether the step's mask lets each row see exactly its stored tokens (``stored`` [B, seen] bool) (then the paged decode, which
-    attends to them, computes what the mask asks); raises if it marks real a position with no token."""
+    """Whether the step's mask lets each row see exactly its stored tokens (``stored``: [B, seen] bool); then
+    the paged decode, which attends to them, computes what the mask asks. Raises if the mask marks real a
+    position that holds no token."""
     seen = stored.shape[1]
     if seen == 0:
         return True

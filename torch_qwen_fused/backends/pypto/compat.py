@@ -1,4 +1,4 @@
-"""Everything that depends on pypto 0.2.0's private surface, in one place (see shared/PYPTO_ON_CPU.md).
+"""Everything that depends on pypto 0.2.0's private surface, in one place (see docs/pypto.md).
 
 pypto is imported lazily, only by the pypto backends, because ``import pypto`` sets the root logger
 to DEBUG and adds a stderr handler (we undo both). Without an NPU, pypto's SIM run mode only runs its
@@ -185,7 +185,8 @@ def calculator_dir() -> Path:
     import torch
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return cache_root() / f"pypto-{PYPTO_VERSION}-calculator-torch{torch.__version__}-abi{abi}-py{sys.version_info[0]}{sys.version_info[1]}"
+    python = f"{sys.version_info[0]}{sys.version_info[1]}"
+    return cache_root() / f"pypto-{PYPTO_VERSION}-calculator-torch{torch.__version__}-abi{abi}-py{python}"
 
 
 def _build_calculator(dest: Path) -> None:
@@ -230,7 +231,7 @@ def load_calculator() -> None:
     global _calculator_loaded
     if _calculator_loaded:
         return
-    pypto = import_pypto()
+    import_pypto()
     dest = calculator_dir()
     lib = dest / "libtile_fwk_calculator.so"
     if not lib.exists():

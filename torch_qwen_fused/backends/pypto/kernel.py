@@ -19,7 +19,7 @@ Batch, max_blocks, num_blocks and the cos/sin table length are dynamic axes, so 
 every batch and context length on the NPU; head counts, head_dim and block_size are compile-time
 constants of a kernel (one kernel per model config, see ``build_kernel``).
 
-Numerics (SPEC section 4): norm, RoPE, softmax and both accumulations are fp32. The two matmuls
+Numerics (docs/contract.md, section 4): norm, RoPE, softmax and both accumulations are fp32. The two matmuls
 take their operands in the cache dtype (q is rounded to it, as is p before P V), the way the
 upstream kernel and the NPU's cube unit work; for an fp32 cache everything is fp32.
 
@@ -171,7 +171,6 @@ def build_kernel(config: KernelConfig, run_mode: str, verify_options: Optional[d
         out: pypto.Tensor([dyn, hq, d], dt),
     ):
         batch = q.shape[0]
-        num_blocks = k_cache.shape[0]
         max_blocks = block_table.shape[1]
         q_ws = pypto.tensor([batch * hq, d], cdt, "q_roped")
         part_rows = batch * hkv * max_blocks * group
