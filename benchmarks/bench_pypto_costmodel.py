@@ -1,4 +1,5 @@
-"""pypto's cost-model estimate of the pypto kernel's NPU time, next to the upstream figures (docs/contract.md, section 6).
+"""pypto's cost-model estimate of the pypto kernel's NPU time, next to the upstream figures
+(docs/contract.md, section 6).
 
     python benchmarks/bench_pypto_costmodel.py                  # Qwen3-14B: B=16, ctx 4096, block 128, bf16
     python benchmarks/bench_pypto_costmodel.py -B 2 --ctx 512   # a quick one

@@ -1,4 +1,5 @@
-"""The op under hostile and unusual input (docs/contract.md, sections 4 and 5): non-finite values, aliasing, odd strides.
+"""The op under hostile and unusual input (docs/contract.md, sections 4 and 5): non-finite values, aliasing,
+odd strides.
 
 The rule for non-finite values is torch's: a NaN or Inf that a row reads gives the outputs the fp64
 reference (and the eager fallback) give, on every ISA the CPU runs. The x86 kernels used to turn a NaN

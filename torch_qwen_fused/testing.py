@@ -119,8 +119,8 @@ def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None):
-    """Sections 1 and 4 of docs/contract.md in fp64, written from the contract (not from the eager fallback, whose own fp32
-    error grows with the logits). Returns (out [B, Hq, D] fp64, k_cache, v_cache after the write).
+    """Sections 1 and 4 of docs/contract.md in fp64, written from the contract (not from the eager fallback,
+    whose own fp32 error grows with the logits). Returns (out [B, Hq, D] fp64, k_cache, v_cache after the write).
 
     Per row: RMSNorm and rotate-half RoPE of q and k; k and v rounded once to the cache dtype and written
     to the row's slot; then softmax(q . k_t * scale) over the row's seq_lens[b] cached tokens, which
@@ -164,8 +164,8 @@ def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None)
 def check_against_reference(result_case: Case, result_out: torch.Tensor, original: Case, eps: float = 1e-6,
                             scale: Optional[float] = None) -> dict:
     """The output of written rows and the whole caches against ``fp64_reference(original)``: the new slots
-    agree within the contract's tolerance (section 4), every other byte is untouched; NaN/Inf must sit where the reference has
-    them. Returns the max abs errors over the finite values."""
+    agree within the contract's tolerance (section 4), every other byte is untouched; NaN/Inf must sit where
+    the reference has them. Returns the max abs errors over the finite values."""
     expected_out, expected_k, expected_v = fp64_reference(original, eps, scale)
     # A low-precision cache bounds the output's precision too, whatever q's dtype.
     low_precision = result_out.dtype if result_out.dtype != torch.float32 else result_case.k_cache.dtype
