@@ -179,3 +179,23 @@ def test_growable_pool_with_an_initial_size():
     fixed = PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=16, block_size=2, num_blocks=1)
     with pytest.raises(OutOfBlocksError):
         fixed.begin_forward(1, 5)
+
+
+def test_block_table_rows_and_the_table_the_op_reads():
+    from torch_qwen_fused.hf import BlockAllocator, BlockTable
+
+    allocator, table = BlockAllocator(8), BlockTable(block_size=4)
+    table.reset(2)
+    added = table.grow(table.missing_blocks([5, 1]), allocator)        # 5 tokens: 2 blocks, 1 token: 1 block
+    assert table.rows == [[0, 1], [2]] and added == [(0, 0), (0, 1), (1, 2)]
+    assert table.tensor.tolist() == [[0, 1], [2, 0]] and table.tensor.dtype == torch.int32
+    # token 5 of row 0 is offset 1 of its second block (physical 1): slot 1 * 4 + 1
+    assert table.slots(torch.tensor([[5], [0]])).tolist() == [[5], [8]]
+    # Row 0 twice (beam search): the copy gets fresh blocks, row 1's block goes back to the free list first.
+    assert table.copies_needed([0, 0]) == (2, 1)
+    sources, targets = table.select([0, 0], allocator)
+    assert table.rows[0] == [0, 1] and sources == [0, 1] and len(targets) == 2 and 2 in targets
+    table.truncate([4, 0], allocator)
+    assert table.rows == [[0], []] and allocator.num_free == 7
+    table.undo([(0, 0)], allocator)
+    assert table.rows == [[], []] and allocator.num_free == 8

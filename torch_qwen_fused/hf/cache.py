@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .blocks import BlockAllocator, OutOfBlocksError
+from .blocks import BlockAllocator, BlockTable, OutOfBlocksError
 from .step import StepPlan, mask_sees_exactly, real_new_tokens
 
 __all__ = ["PagedKVCache", "PagedLayer"]
@@ -177,8 +177,7 @@ class PagedKVCache(Cache):
         self._dtype = dtype
         self._device = torch.device(device) if device is not None else None
         self._allocator: Optional[BlockAllocator] = None
-        self._row_blocks: list = []
-        self._block_table = torch.zeros(0, 1, dtype=torch.int32)
+        self._table = BlockTable(block_size)
         self._seq_lens = torch.zeros(0, dtype=torch.int32)
         self._stored = torch.zeros(0, 0, dtype=torch.bool)
         self._plan: Optional[StepPlan] = None
@@ -186,7 +185,7 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ introspection
     def __repr__(self):
         return (f"PagedKVCache(layers={len(self.layers)}, block_size={self.block_size}, num_blocks={self.num_blocks}, "
-                f"free_blocks={self.num_free_blocks}, rows={len(self._row_blocks)}, "
+                f"free_blocks={self.num_free_blocks}, rows={len(self._table)}, "
                 f"seq_lens={self._seq_lens.tolist()}, seen_tokens={self.get_seq_length()})")
 
     @property
@@ -205,7 +204,7 @@ class PagedKVCache(Cache):
     @property
     def block_table(self) -> torch.Tensor:
         """(batch, max_blocks) int32; columns past a row's blocks hold 0 and are never read."""
-        return self._block_table
+        return self._table.tensor
 
     @property
     def seq_lens(self) -> torch.Tensor:
@@ -221,11 +220,11 @@ class PagedKVCache(Cache):
     @property
     def row_blocks(self) -> list:
         """Physical blocks of each row, in logical order (a copy)."""
-        return [list(blocks) for blocks in self._row_blocks]
+        return [list(blocks) for blocks in self._table.rows]
 
     @property
     def batch_size(self) -> int:
-        return len(self._row_blocks) if self._row_blocks else -1
+        return len(self._table) if len(self._table) else -1
 
     @property
     def is_initialized(self) -> bool:
@@ -270,7 +269,7 @@ class PagedKVCache(Cache):
         """
         plan = self.require_plan("update")
         batch, heads, length, head_dim = key_states.shape
-        expected = (len(self._row_blocks), self.num_kv_heads, plan.query_length, self.head_dim)
+        expected = (len(self._table), self.num_kv_heads, plan.query_length, self.head_dim)
         if (batch, heads, length, head_dim) != expected:
             raise ValueError(f"PagedKVCache.update: key_states must have shape {list(expected)} "
                              f"[batch, num_kv_heads, query_length, head_dim], got {list(key_states.shape)}")
@@ -293,10 +292,9 @@ class PagedKVCache(Cache):
         self._plan = None
         if self._allocator is not None:
             self._allocator = BlockAllocator(self._allocator.num_blocks)
-        self._row_blocks = []
+        self._table.reset(0)
         self._seq_lens = torch.zeros(0, dtype=torch.int32, device=self._seq_lens.device)
         self._stored = torch.zeros(0, 0, dtype=torch.bool, device=self._stored.device)
-        self._rebuild_block_table()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drops the last ``-tokens_to_remove`` seen positions of every row (a negative count, as
@@ -310,11 +308,7 @@ class PagedKVCache(Cache):
             return
         self._stored = self._stored[:, :keep]
         self._seq_lens = self._stored.sum(dim=1, dtype=torch.int32)
-        for row, length in enumerate(self._seq_lens.tolist()):
-            blocks = -(-length // self.block_size)
-            self._allocator.free(self._row_blocks[row][blocks:])
-            del self._row_blocks[row][blocks:]
-        self._rebuild_block_table()
+        self._table.truncate(self._seq_lens.tolist(), self._allocator)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._gather_rows(beam_idx)
@@ -323,7 +317,7 @@ class PagedKVCache(Cache):
         self._gather_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._gather_rows(torch.arange(len(self._row_blocks)).repeat_interleave(repeats))
+        self._gather_rows(torch.arange(len(self._table)).repeat_interleave(repeats))
 
     # ------------------------------------------------------------------ rows
     def free_rows(self, rows: Sequence[int]) -> None:
@@ -339,48 +333,27 @@ class PagedKVCache(Cache):
         self._rollback()
         rows = [int(row) for row in rows]
         for row in rows:
-            if not 0 <= row < len(self._row_blocks):
-                raise IndexError(f"PagedKVCache.free_rows: row {row} is outside [0, {len(self._row_blocks)})")
+            if not 0 <= row < len(self._table):
+                raise IndexError(f"PagedKVCache.free_rows: row {row} is outside [0, {len(self._table)})")
         stored = self._stored.clone()
-        for row in set(rows):
-            self._allocator.free(self._row_blocks[row])
-            self._row_blocks[row] = []
-            stored[row] = False
+        stored[rows] = False
         self._stored = stored
         self._seq_lens = stored.sum(dim=1, dtype=torch.int32)
-        self._rebuild_block_table()
+        self._table.truncate(self._seq_lens.tolist(), self._allocator)
 
     def _gather_rows(self, index: torch.Tensor) -> None:
         """New row i = old row index[i]. A row taken once keeps its blocks; a repeated one gets copies."""
         self._rollback()
-        if not self._row_blocks:
+        if not len(self._table):
             return
         index = [int(i) for i in torch.as_tensor(index).reshape(-1).tolist()]
-        old_rows = len(self._row_blocks)
+        old_rows = len(self._table)
         if any(not 0 <= i < old_rows for i in index):
             raise IndexError(f"PagedKVCache: row indices {index} must be in [0, {old_rows})")
-        owner, copies = {}, []
-        for new_row, old_row in enumerate(index):
-            if old_row in owner:
-                copies.append((new_row, old_row))
-            else:
-                owner[old_row] = new_row
-        dropped = [row for row in range(old_rows) if row not in owner]
-        need = sum(len(self._row_blocks[row]) for _, row in copies)
-        available = self._allocator.num_free + sum(len(self._row_blocks[row]) for row in dropped)
-        if need > available:
-            self._make_room(need - available, "copying repeated rows")
-        for row in dropped:
-            self._allocator.free(self._row_blocks[row])
-        new_blocks = [None] * len(index)
-        for old_row, new_row in owner.items():
-            new_blocks[new_row] = self._row_blocks[old_row]
-        sources, targets = [], []
-        for new_row, old_row in copies:
-            fresh = self._allocator.allocate(len(self._row_blocks[old_row]))
-            sources += self._row_blocks[old_row]
-            targets += fresh
-            new_blocks[new_row] = fresh
+        need, freed = self._table.copies_needed(index)
+        if need > self._allocator.num_free + freed:
+            self._make_room(need - self._allocator.num_free - freed, "copying repeated rows")
+        sources, targets = self._table.select(index, self._allocator)
         if targets:
             device = self.layers[0].k_cache.device
             src = torch.tensor(sources, dtype=torch.long, device=device)
@@ -388,11 +361,9 @@ class PagedKVCache(Cache):
             for layer in self.layers:
                 layer.k_cache.index_copy_(0, dst, layer.k_cache.index_select(0, src))
                 layer.v_cache.index_copy_(0, dst, layer.v_cache.index_select(0, src))
-        self._row_blocks = new_blocks
         rows = torch.tensor(index, dtype=torch.long, device=self._seq_lens.device)
         self._seq_lens = self._seq_lens[rows]
         self._stored = self._stored[rows]
-        self._rebuild_block_table()
 
     # ------------------------------------------------------------------ one forward step
     def begin_forward(self, batch_size: int, query_length: int, attention_mask: Optional[torch.Tensor] = None,
@@ -426,37 +397,29 @@ class PagedKVCache(Cache):
                                  f"got {list(position_ids.shape)}")
             positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1)
 
-        if seen == 0 and not any(self._row_blocks):    # empty: (re)shape the rows
-            self._row_blocks = [[] for _ in range(batch_size)]
+        if seen == 0 and not any(self._table.rows):    # empty: (re)shape the rows
+            self._table.reset(batch_size)
             self._seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
             self._stored = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        elif batch_size != len(self._row_blocks):
+        elif batch_size != len(self._table):
             raise ValueError(f"PagedKVCache: this step has batch size {batch_size} but the cache holds "
-                             f"{len(self._row_blocks)} rows (use batch_select_indices / reset to change it)")
+                             f"{len(self._table)} rows (use batch_select_indices / reset to change it)")
         mask_matches_cache = mask_sees_exactly(attention_mask, self._stored, query_length)
 
         past = self._seq_lens.to(device=device, dtype=torch.long)
         new_counts = real.sum(dim=1)
         totals = past + new_counts
-        wanted = [-(-total // self.block_size) - len(blocks)
-                  for total, blocks in zip(totals.tolist(), self._row_blocks)]
-        need = sum(max(w, 0) for w in wanted)
+        missing = self._table.missing_blocks(totals.tolist())
+        need = sum(missing)
         if self._allocator is None:
             self._allocate_pool(need + batch_size, dtype, device)
         if need > self._allocator.num_free:
             self._make_room(need - self._allocator.num_free, f"a step of {query_length} token(s) per row "
                             f"(rows now hold {past.tolist()} tokens, {new_counts.tolist()} new)")
-        new_blocks = []
-        for row, count in enumerate(wanted):
-            for block in self._allocator.allocate(max(count, 0)):
-                self._row_blocks[row].append(block)
-                new_blocks.append((row, block))
-        if new_blocks:
-            self._rebuild_block_table()
+        new_blocks = self._table.grow(missing, self._allocator)
 
         index = past.unsqueeze(1) + real.cumsum(dim=1) - 1                      # logical index per token
-        blocks = self._block_table.long().gather(1, (index.clamp(min=0) // self.block_size))
-        slots = torch.where(real, blocks * self.block_size + index % self.block_size, -1)
+        slots = torch.where(real, self._table.slots(index.clamp(min=0)), -1)
         all_real = bool(real.all())
         real_index = None if all_real else real.reshape(-1).nonzero().squeeze(1)
         real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
@@ -487,18 +450,14 @@ class PagedKVCache(Cache):
         plan, self._plan = self._plan, None
         if plan is None or not plan.new_blocks:
             return
-        for row, block in reversed(plan.new_blocks):
-            self._row_blocks[row].remove(block)
-            self._allocator.free([block])
-        self._rebuild_block_table()
+        self._table.undo(plan.new_blocks, self._allocator)
 
     def _seen_slots(self):
         """(slots, stored), both (batch, seen): the flat pool slot of each seen position (0 where none is
         stored) and whether one is."""
         stored = self._stored
         ordinal = (stored.cumsum(dim=1) - 1).clamp_(min=0)            # the row's j-th stored token: logical slot j
-        blocks = self._block_table.to(stored.device).long().gather(1, ordinal // self.block_size)
-        return torch.where(stored, blocks * self.block_size + ordinal % self.block_size, 0), stored
+        return torch.where(stored, self._table.slots(ordinal), 0), stored
 
     def _gather(self, pool: torch.Tensor, slots: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         batch, seen = slots.shape
@@ -526,7 +485,7 @@ class PagedKVCache(Cache):
             layer.is_initialized = True
         self._dtype = dtype
         self._allocator = BlockAllocator(num_blocks)
-        self._block_table = self._block_table.to(device)
+        self._table.to(device)
         self._seq_lens = self._seq_lens.to(device)
         self._stored = self._stored.to(device)
 
@@ -546,11 +505,3 @@ class PagedKVCache(Cache):
                 grown[: old.shape[0]] = old
                 setattr(layer, name, grown)
         allocator.grow(new_total)
-
-    def _rebuild_block_table(self) -> None:
-        width = max([len(blocks) for blocks in self._row_blocks] + [1])
-        table = torch.zeros(len(self._row_blocks), width, dtype=torch.int32)
-        for row, blocks in enumerate(self._row_blocks):
-            if blocks:
-                table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self._block_table = table.to(self._block_table.device)
