@@ -16,10 +16,22 @@ TORCH_LIBRARY(qwen, m) {
       "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
       "Tensor seq_lens, Tensor? positions=None, Tensor? slot_mapping=None, float eps=1e-6, "
       "float? scale=None) -> Tensor");
+  // Several new tokens per row (speculative decoding's verification, chunked prefill): row b's new tokens are
+  // tokens [query_start_loc[b], query_start_loc[b + 1]) of q/k/v, the last of its seq_lens[b]-token context;
+  // each attends causally (up to its own context index). With query_start_loc = arange(B + 1) it is fa_fused.
+  m.def(
+      "fa_fused_varlen(Tensor q, Tensor k, Tensor v, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos, "
+      "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor query_start_loc, Tensor? positions=None, Tensor? slot_mapping=None, float eps=1e-6, "
+      "float? scale=None) -> Tensor");
   // fa_fused's argument checks alone (every rule of the contract; raises before anything is written), for
   // the backends written in Python: the eager fallback, the pypto replay, the NPU launch.
   m.def(
       "fa_fused_check(Tensor q, Tensor k, Tensor v, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos, "
       "Tensor sin, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor? positions=None, "
       "Tensor? slot_mapping=None) -> ()");
+  m.def(
+      "fa_fused_varlen_check(Tensor q, Tensor k, Tensor v, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos, "
+      "Tensor sin, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, "
+      "Tensor? positions=None, Tensor? slot_mapping=None) -> ()");
 }

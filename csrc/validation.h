@@ -1,6 +1,7 @@
-// The argument checks of qwen::fa_fused (the contract's "bad input" rules, docs/contract.md): the one copy
-// every backend runs. The CPU kernel calls validate() itself; the Python backends (eager fallback, pypto
-// replay, NPU) call it through the qwen::fa_fused_check op; the Autograd kernel calls check_no_grad().
+// The argument checks of qwen::fa_fused and qwen::fa_fused_varlen (the contract's "bad input" rules,
+// docs/contract.md): the one copy every backend runs. The CPU kernels call validate() themselves; the Python
+// backends (eager, pypto replay, NPU) call it through the qwen::fa_fused_check / fa_fused_varlen_check ops; the
+// Autograd kernel calls check_no_grad().
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,7 +12,8 @@
 
 namespace qwen_fused {
 
-// The tensor arguments of one fa_fused call, in schema order.
+// The tensor arguments of one call, in schema order. fa_fused_varlen has query_start_loc; fa_fused is the
+// case of one new token per row.
 struct FaFusedArgs {
   const at::Tensor& q;
   const at::Tensor& k;
@@ -26,23 +28,30 @@ struct FaFusedArgs {
   const at::Tensor& seq_lens;
   const std::optional<at::Tensor>& positions;
   const std::optional<at::Tensor>& slot_mapping;
+  const at::Tensor* query_start_loc = nullptr;
+
+  // The op's name, as messages say it.
+  const char* op() const { return query_start_loc ? "fa_fused_varlen" : "fa_fused"; }
 };
 
 // What the kernels need from the index tensors, read once on the host while checking them.
 struct IndexPlan {
-  std::vector<int64_t> positions;  // RoPE position of each row's new token
-  std::vector<int64_t> slots;      // its cache slot, -1: not written
+  std::vector<int64_t> query_start;  // [batch + 1]: row b's new tokens are [query_start[b], query_start[b + 1])
+  std::vector<int64_t> positions;    // [tokens]: RoPE position of each new token
+  std::vector<int64_t> slots;        // [tokens]: its cache slot, -1: not written
   int64_t max_len = 0;
-  int64_t total_len = 0;  // sum of seq_lens: how much attention work the call has
+  int64_t total_len = 0;    // sum of seq_lens: how much attention work the call has
+  int64_t max_queries = 0;  // the most new tokens of one row
 };
 
-// With grad mode on, an input that requires grad is refused (RuntimeError): the op is inference-only.
-void check_no_grad(const FaFusedArgs& args);
+// With grad mode on, a tensor that requires grad is refused (RuntimeError naming `name`): the ops are
+// inference-only.
+void check_no_grad(const char* op, const char* name, const at::Tensor& t);
 
 // Every other check, in this order: shapes, dtypes and devices; the in-place writes (shared memory,
-// inference-tensor caches); then the index values (lengths, block ids, positions, slots, duplicate slots).
-// Raises ValueError naming the argument; nothing is written. Index tensors on another device are read
-// through a host copy. Returns the plan with positions and slots defaulted (empty for B = 0).
+// inference-tensor caches); then the index values (lengths, block ids, query_start_loc, positions, slots,
+// duplicate slots). Raises ValueError naming the argument; nothing is written. Index tensors on another device
+// are read through a host copy. Returns the plan with positions and slots defaulted (empty for no rows).
 IndexPlan validate(const FaFusedArgs& args);
 
 }  // namespace qwen_fused

@@ -11,7 +11,8 @@ SWITCHES = ("TORCH_QWEN_FUSED_CPU_ISA", "TORCH_QWEN_FUSED_KV_CHUNK", "TORCH_QWEN
 def run_backend(case: Case, backend: str, **kwargs):
     """Runs a fresh copy of ``case`` through ``backend``; returns (case after the call, output)."""
     working = case.clone()
-    out = torch_qwen_fused.fa_fused(*working.args(), backend=backend, **kwargs)
+    api = torch_qwen_fused.fa_fused_varlen if case.varlen else torch_qwen_fused.fa_fused
+    out = api(*working.args(), backend=backend, **kwargs)
     return working, out
 
 

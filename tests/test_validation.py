@@ -118,7 +118,8 @@ BAD_INPUTS = {
     "position past the table": (set_item("positions", 1, 10_000), "positions[1] = 10000 is outside the cos/sin table"),
     "position negative": (set_item("positions", 0, -1), "positions[0] = -1 is outside the cos/sin table"),
     "default position past the table": (replace(positions=None, cos=lambda c: c.cos[:20], sin=lambda c: c.sin[:20]),
-                                        "default position seq_lens[1] - 1 = 32 is outside the cos/sin table [0, 20)"),
+                                        "the default position of row 1 (its context index) = 32 is outside the "
+                                        "cos/sin table [0, 20)"),
     "slot past the cache": (set_item("slot_mapping", 0, 128),
                             "slot_mapping[0] = 128 is outside the cache's slots [0, 128)"),
     "slot below -1": (set_item("slot_mapping", 1, -2), "slot_mapping[1] = -2 is outside"),
@@ -139,7 +140,7 @@ BAD_INPUTS = {
                                 "slot_mapping[1] = 77 is also the slot of row 0; two rows cannot write the same "
                                 "cache slot"),
     "default slots collide": (colliding_default_slots,
-                              "the default slot of row 1 (token seq_lens[1] - 1 through block_table) = "),
+                              "the default slot of row 1 (its context index through block_table) = "),
     "caches from inference_mode": (inference_caches,
                                    "k_cache is an inference tensor (created under torch.inference_mode()) and is "
                                    "written in place"),

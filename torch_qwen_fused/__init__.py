@@ -10,7 +10,7 @@ import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 from . import _C  # noqa: F401
 from .backends import eager, npu  # noqa: F401
 from . import ops
-from .ops import BACKENDS, fa_fused, reload_cpu_switches
+from .ops import BACKENDS, fa_fused, fa_fused_varlen, reload_cpu_switches
 from .rope import rope_cos_sin
 
-__all__ = ["fa_fused", "rope_cos_sin", "reload_cpu_switches", "BACKENDS", "ops"]
+__all__ = ["fa_fused", "fa_fused_varlen", "rope_cos_sin", "reload_cpu_switches", "BACKENDS", "ops"]

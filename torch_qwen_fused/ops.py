@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from .backends.eager import fa_fused_eager
+from .backends.eager import fa_fused_eager, fa_fused_varlen_eager
 
-__all__ = ["fa_fused", "reload_cpu_switches", "BACKENDS"]
+__all__ = ["fa_fused", "fa_fused_varlen", "reload_cpu_switches", "BACKENDS"]
 
 BACKENDS = ("cpu", "eager", "pypto")
 BACKEND_ENV = "TORCH_QWEN_FUSED_BACKEND"
@@ -92,6 +92,65 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     raise ValueError(f"fa_fused: backend must be None or one of {BACKENDS}, got {backend!r}")
 
 
+def fa_fused_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
+                    eps: float = 1e-6, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Qwen3 attention for several new tokens per row (speculative decoding's verification, chunked prefill).
+
+    The tokens of all rows are packed along the first dim, as in flash-attn's ``varlen`` functions: row b's
+    n_b = query_start_loc[b + 1] - query_start_loc[b] new tokens are q[query_start_loc[b]:query_start_loc[b + 1]]
+    and are the *last* n_b of its seq_lens[b]-token context (seq_lens counts them). Every token goes through
+    ``fa_fused``'s steps: per-head RMSNorm of q and k, rotate-half RoPE at positions[t] (default its context
+    index c = seq_lens[b] - n_b + i for row b's i-th new token), and the write of its roped k and raw v **in
+    place** into k_cache/v_cache at slot_mapping[t] (default: context index c through block_table). All writes
+    happen before any read. Then new token i attends causally to context indices 0..c: the earlier tokens of
+    the row and the new tokens up to itself. Each K/V row of the context is read once for all of a row's new
+    tokens and the heads of its GQA group, so verifying 4 draft tokens costs about one decode step.
+
+    With query_start_loc = arange(B + 1) (one token per row) it is exactly ``fa_fused``; rows with no new
+    token (n_b = 0) are allowed and produce nothing.
+
+    Arguments:
+        q: (total_tokens, num_heads, head_dim), float32/float16/bfloat16, total_tokens = query_start_loc[-1].
+        k, v: (total_tokens, num_kv_heads, head_dim), q's dtype.
+        q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache: as in ``fa_fused``.
+        block_table: (batch_size, max_blocks), int32; seq_lens: (batch_size,), int32, each >= n_b and >= 1.
+        query_start_loc: (batch_size + 1,), int32: 0, then the running total of each row's new tokens
+            (non-decreasing).
+        positions [optional]: (total_tokens,), int64 (or int32). RoPE position of each new token.
+        slot_mapping [optional]: (total_tokens,), int64 (or int32). Flat cache slot of each new token; -1 skips
+            its write (padding tokens; their outputs are then unspecified). No two tokens may share a slot.
+        eps, scale, backend: as in ``fa_fused`` (the pypto kernel serves ``fa_fused`` only).
+
+    Return:
+        out: (total_tokens, num_heads, head_dim), q's dtype.
+
+    Raises:
+        ValueError naming the argument, before anything is written, for everything ``fa_fused`` refuses and
+        a query_start_loc that does not start at 0, decreases, gives a row more new tokens than its seq_len, or
+        does not end at total_tokens. RuntimeError if, with grad mode on, an input requires grad.
+    """
+    backend = backend or os.environ.get(BACKEND_ENV) or None
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+            query_start_loc, positions, slot_mapping)
+    if backend is None:
+        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale)
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"fa_fused_varlen: backend='cpu' needs CPU tensors, got q on {q.device}")
+        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale)
+    if backend == "eager":
+        return fa_fused_varlen_eager(*args, eps=eps, scale=scale)
+    if backend == "pypto":
+        raise ValueError("fa_fused_varlen: the pypto kernel takes one new token per row (fa_fused); use backend "
+                         "None, 'cpu' or 'eager'")
+    raise ValueError(f"fa_fused_varlen: backend must be None or one of {BACKENDS}, got {backend!r}")
+
+
 def reload_cpu_switches() -> None:
     """Makes the CPU kernel read ``TORCH_QWEN_FUSED_CPU_ISA`` and ``TORCH_QWEN_FUSED_KV_CHUNK`` again at its
     next call (it reads them, and the CPU's features, once per process)."""
@@ -103,4 +162,12 @@ def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
                    positions=None, slot_mapping=None, eps=1e-6, scale=None):
     # Shapes only: the real kernel runs every check of the contract before it writes (validation.cpp).
     torch._check(q.dim() == 3, lambda: f"fa_fused: q must be 3-D [batch, num_heads, head_dim], got {q.dim()}-D")
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("qwen::fa_fused_varlen")
+def _fa_fused_varlen_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                          query_start_loc, positions=None, slot_mapping=None, eps=1e-6, scale=None):
+    torch._check(q.dim() == 3,
+                 lambda: f"fa_fused_varlen: q must be 3-D [num_tokens, num_heads, head_dim], got {q.dim()}-D")
     return q.new_empty(q.shape)

@@ -5,13 +5,14 @@
 ``check_against_reference`` checks a backend's output and caches against it with the contract's tolerances.
 """
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .backends.eager import default_slot_mapping
+from .backends.eager import default_slot_mapping, default_varlen_slot_mapping
 from .rope import rope_cos_sin
 
 __all__ = ["Case", "make_case", "fp64_reference", "check_against_reference", "assert_same_bytes", "TOLERANCES",
@@ -27,7 +28,8 @@ TOLERANCES = {
 
 @dataclass
 class Case:
-    """Arguments of one fa_fused call, in schema order, plus what the test needs to check the caches."""
+    """Arguments of one fa_fused call (or, with ``query_start_loc``, one fa_fused_varlen call), plus what the
+    tests need to check the caches. ``written_rows``: the rows of q / the output whose token is written."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -43,10 +45,21 @@ class Case:
     positions: Optional[torch.Tensor] = None
     slot_mapping: Optional[torch.Tensor] = None
     written_rows: list = field(default_factory=list)
+    query_start_loc: Optional[torch.Tensor] = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.query_start_loc is not None
 
     def args(self) -> tuple:
+        """The op's arguments in schema order (fa_fused's, or fa_fused_varlen's with query_start_loc)."""
+        indices = (self.block_table, self.seq_lens) + ((self.query_start_loc,) if self.varlen else ())
         return (self.q, self.k, self.v, self.q_norm_weight, self.k_norm_weight, self.cos, self.sin,
-                self.k_cache, self.v_cache, self.block_table, self.seq_lens, self.positions, self.slot_mapping)
+                self.k_cache, self.v_cache) + indices + (self.positions, self.slot_mapping)
+
+    def op(self):
+        """``torch.ops.qwen.fa_fused`` or ``fa_fused_varlen``, whichever takes ``args()``."""
+        return torch.ops.qwen.fa_fused_varlen if self.varlen else torch.ops.qwen.fa_fused
 
     def clone(self) -> "Case":
         cloned = {name: (value.clone() if isinstance(value, torch.Tensor) else value)
@@ -54,20 +67,33 @@ class Case:
         return Case(**cloned)
 
     def slots(self) -> torch.Tensor:
-        """The flat slot each row's new token goes to (-1: none)."""
+        """The flat slot each new token goes to (-1: none)."""
         if self.slot_mapping is not None:
             return self.slot_mapping.long()
+        if self.varlen:
+            return default_varlen_slot_mapping(self.block_table, self.seq_lens, self.query_start_loc,
+                                               self.k_cache.shape[1])
         return default_slot_mapping(self.block_table, self.seq_lens, self.k_cache.shape[1])
+
+    def context_indices(self) -> list:
+        """Per new token, its context index: seq_lens[b] - n_b + i for row b's i-th of n_b new tokens."""
+        starts = self.query_start_loc.tolist() if self.varlen else list(range(len(self.seq_lens) + 1))
+        indices = []
+        for row, seq_len in enumerate(self.seq_lens.tolist()):
+            count = starts[row + 1] - starts[row]
+            indices += [seq_len - count + i for i in range(count)]
+        return indices
 
 
 def make_case(seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
               cache_dtype=None, positions_offset: Optional[int] = 3, explicit_slots=False, skip_rows=(),
-              extra_blocks=3, max_position=None, seed=0) -> Case:
+              extra_blocks=3, max_position=None, seed=0, new_tokens=None) -> Case:
     """A decode step over ragged ``seq_lens`` with a shuffled block table.
 
     Blocks past a row's context are -1 in the table, so a kernel that reads them fails loudly.
-    ``positions_offset`` shifts RoPE positions away from ``seq_lens - 1`` (None: default positions);
-    ``skip_rows`` get slot -1 (implies explicit slots).
+    ``positions_offset`` shifts RoPE positions away from the context indices (None: default positions);
+    ``skip_rows`` (rows of q: tokens) get slot -1 (implies explicit slots). ``new_tokens`` (a count per row):
+    an fa_fused_varlen call whose row b has that many new tokens, the last of its seq_lens[b].
     """
     generator = torch.Generator().manual_seed(seed)
     cache_dtype = cache_dtype or dtype
@@ -86,15 +112,16 @@ def make_case(seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
         return torch.randn(*shape, generator=generator).to(dtype)
 
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    positions = None
-    if positions_offset is not None:
-        positions = lens.long() - 1 + torch.randint(0, positions_offset + 1, (batch,), generator=generator)
+    query_start_loc = None
+    if new_tokens is not None:
+        query_start_loc = torch.tensor([0] + list(itertools.accumulate(new_tokens)), dtype=torch.int32)
+    tokens = batch if new_tokens is None else sum(new_tokens)
     max_position = max_position or int(max(seq_lens)) + (positions_offset or 0) + 8
     cos, sin = rope_cos_sin(max_position, head_dim, rope_theta=1e6)
     case = Case(
-        q=randn(batch, num_heads, head_dim),
-        k=randn(batch, num_kv_heads, head_dim),
-        v=randn(batch, num_kv_heads, head_dim),
+        q=randn(tokens, num_heads, head_dim),
+        k=randn(tokens, num_kv_heads, head_dim),
+        v=randn(tokens, num_kv_heads, head_dim),
         q_norm_weight=torch.rand(head_dim, generator=generator) + 0.5,
         k_norm_weight=torch.rand(head_dim, generator=generator) + 0.5,
         cos=cos,
@@ -103,14 +130,17 @@ def make_case(seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
         v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype),
         block_table=block_table,
         seq_lens=lens,
-        positions=positions,
+        query_start_loc=query_start_loc,
     )
+    if positions_offset is not None:
+        shift = torch.randint(0, positions_offset + 1, (tokens,), generator=generator)
+        case.positions = torch.tensor(case.context_indices(), dtype=torch.long) + shift
     if explicit_slots or skip_rows:
         slots = case.slots()
         for row in skip_rows:
             slots[row] = -1
         case.slot_mapping = slots
-    case.written_rows = [row for row in range(batch) if row not in skip_rows]
+    case.written_rows = [row for row in range(tokens) if row not in skip_rows]
     return case
 
 
@@ -120,16 +150,18 @@ def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None):
     """Sections 1 and 4 of docs/contract.md in fp64, written from the contract (not from the eager fallback,
-    whose own fp32 error grows with the logits). Returns (out [B, Hq, D] fp64, k_cache, v_cache after the write).
+    whose own fp32 error grows with the logits). Returns (out [T, Hq, D] fp64, k_cache, v_cache after the
+    writes); T = B for fa_fused.
 
-    Per row: RMSNorm and rotate-half RoPE of q and k; k and v rounded once to the cache dtype and written
-    to the row's slot; then softmax(q . k_t * scale) over the row's seq_lens[b] cached tokens, which
-    include the new one as stored.
+    Per new token: RMSNorm and rotate-half RoPE of q and k; k and v rounded once to the cache dtype and
+    written to the token's slot (all of them first); then softmax(q . k_t * scale) over the cached tokens
+    it sees, which include itself as stored: the first c + 1 of its row, c its context index (section 8).
     """
     head_dim = case.q.shape[-1]
     half = head_dim // 2
     scale = head_dim ** -0.5 if scale is None else scale
-    positions = case.positions if case.positions is not None else case.seq_lens.long() - 1
+    context = case.context_indices()
+    positions = case.positions if case.positions is not None else torch.tensor(context, dtype=torch.long)
 
     def norm_and_rope(x, weight):
         x = x.double()
@@ -145,19 +177,21 @@ def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None)
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    for row, slot in enumerate(case.slots().tolist()):
+    for token, slot in enumerate(case.slots().tolist()):
         if slot >= 0:
-            flat_k[slot] = k[row].to(k_cache.dtype)
-            flat_v[slot] = case.v[row].to(v_cache.dtype)
+            flat_k[slot] = k[token].to(k_cache.dtype)
+            flat_v[slot] = case.v[token].to(v_cache.dtype)
     group = q.shape[1] // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64)
-    for row, seq_len in enumerate(case.seq_lens.tolist()):
-        tokens = torch.arange(seq_len)
-        slots = case.block_table[row, tokens // block_size].long() * block_size + tokens % block_size
-        keys = flat_k[slots].double().repeat_interleave(group, dim=1)      # [L, Hq, D]
+    rows = torch.arange(len(case.seq_lens)).repeat_interleave(
+        case.query_start_loc.diff().long() if case.varlen else torch.ones(len(case.seq_lens), dtype=torch.long))
+    for token, (row, index) in enumerate(zip(rows.tolist(), context)):
+        seen = torch.arange(index + 1)
+        slots = case.block_table[row, seen // block_size].long() * block_size + seen % block_size
+        keys = flat_k[slots].double().repeat_interleave(group, dim=1)      # [c + 1, Hq, D]
         values = flat_v[slots].double().repeat_interleave(group, dim=1)
-        weights = torch.softmax(torch.einsum("hd,thd->ht", q[row], keys) * scale, dim=-1)
-        out[row] = torch.einsum("ht,thd->hd", weights, values)
+        weights = torch.softmax(torch.einsum("hd,thd->ht", q[token], keys) * scale, dim=-1)
+        out[token] = torch.einsum("ht,thd->hd", weights, values)
     return out, k_cache, v_cache
 
 
@@ -189,7 +223,8 @@ def check_against_reference(result_case: Case, result_out: torch.Tensor, origina
         cache_tol = TOLERANCES[flat_result.dtype] | ({"rtol": 1e-6} if flat_result.dtype == torch.float32 else {})
         torch.testing.assert_close(flat_result[slots].double(), flat_expected[slots].double(), equal_nan=True,
                                    **cache_tol)
-        assert not torch.equal(flat_result[slots], flat_original[slots]), f"{name}: new slots not written"
+        if slots.numel():
+            assert not torch.equal(flat_result[slots], flat_original[slots]), f"{name}: new slots not written"
         untouched = torch.ones(flat_result.shape[0], dtype=torch.bool)
         untouched[slots] = False
         assert_same_bytes(flat_result[untouched], flat_original[untouched])

@@ -158,9 +158,10 @@ QWEN_INLINE float exp_and_sum(float* scores, float row_max) {
   return V::reduce_add(sum);
 }
 
-// One work item: the tokens of KV chunk `chunk` of one row, for every kv head in turn. Walking the
-// chunk token by token reads each token's K and V rows (all kv heads, contiguous in the NHD layout)
-// as one stream, which the prefetch below keeps ahead of the arithmetic.
+// One work item: the tokens of KV chunk `chunk` of one row, for every kv head in turn and all the row's
+// queries (new token i, query head g: query i * group + g of the kv head). Walking the chunk token by token
+// reads each token's K and V rows (all kv heads, contiguous in the NHD layout) once for all of them, as one
+// stream, which the prefetch below keeps ahead of the arithmetic.
 // kHeadDim: head_dim known at compile time, or 0 to read it from p.
 template <class V, class T, int kHeadDim>
 void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
@@ -169,18 +170,24 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const int64_t num_kv_heads = p.num_kv_heads;
   const int64_t chunk = item % p.num_chunks;
   const int64_t row = item / p.num_chunks;
+  const int64_t new_tokens = p.queries(row);
+  const int64_t queries = new_tokens * group;
+  if (queries == 0) return;
   // Partial results of (row, kv head, chunk), laid out for the merge pass.
-  auto partial = [&](int64_t kv_head) { return ((row * num_kv_heads + kv_head) * p.num_chunks + chunk) * group; };
+  auto partial = [&](int64_t kv_head) { return p.partial_index(row, kv_head, chunk); };
   for (int64_t h = 0; h < num_kv_heads; ++h) {
-    for (int64_t g = 0; g < group; ++g) {
-      p.partial_max[partial(h) + g] = kNegInf;
-      p.partial_sum[partial(h) + g] = 0.f;
+    for (int64_t v = 0; v < queries; ++v) {
+      p.partial_max[partial(h) + v] = kNegInf;
+      p.partial_sum[partial(h) + v] = 0.f;
     }
     float* acc = p.partial_out + partial(h) * head_dim;
-    for (int64_t i = 0; i < group * head_dim; ++i) acc[i] = 0.f;
+    for (int64_t i = 0; i < queries * head_dim; ++i) acc[i] = 0.f;
   }
 
   const int64_t seq_len = p.seq_lens[row];
+  // Causal: new token i sees context indices < first_hidden + i, so only tiles that reach first_hidden
+  // (the row's new tokens) hide anything; with one new token per row (fa_fused) none does.
+  const int64_t first_hidden = seq_len - new_tokens + 1;
   const int64_t begin = chunk * p.chunk_len;
   const int64_t end = begin + p.chunk_len < seq_len ? begin + p.chunk_len : seq_len;
   if (begin >= end) return;
@@ -194,8 +201,8 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const int64_t prefetch_begin = begin + kPrefetchTilesAhead * kTokenTile;
   TokenCursor prefetch_cursor(blocks, p.block_size, token_stride, prefetch_begin < end ? prefetch_begin : begin);
 
-  float* scores = scratch;                      // [group, kTokenTile]
-  float* alpha = scratch + group * kTokenTile;  // [group]
+  float* scores = scratch;                        // [queries, kTokenTile]
+  float* alpha = scratch + queries * kTokenTile;  // [queries]
   int64_t token_offsets[kTokenTile];
   const T* k_rows[kTokenTile];
   const T* v_rows[kTokenTile];
@@ -217,26 +224,33 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
       }
     }
 
+    const bool causal_tile = tile + num_tokens > first_hidden;
+    // Tokens of this tile query v may see.
+    auto visible = [&](int64_t v) {
+      const int64_t limit = first_hidden + v / group - tile;
+      return limit < 0 ? 0 : limit < num_tokens ? limit : num_tokens;
+    };
     for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
       for (int64_t j = 0; j < num_tokens; ++j) {
         k_rows[j] = k_cache + token_offsets[j] + kv_head * head_dim;
         v_rows[j] = v_cache + token_offsets[j] + kv_head * head_dim;
       }
-      const float* q = p.q + (row * p.num_heads + kv_head * group) * head_dim;
+      const float* q = p.q + (p.query_start[row] * p.num_heads + kv_head * queries) * head_dim;
       float* running_max = p.partial_max + partial(kv_head);
       float* running_sum = p.partial_sum + partial(kv_head);
       float* acc = p.partial_out + partial(kv_head) * head_dim;
 
-      for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
+      for_head_slices<V>(queries, [&]<int NG>(int64_t g0) {
         int64_t j = 0;
         for (; j + 2 <= num_tokens; j += 2)
           score_heads<V, T, NG, 2>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
         if (j < num_tokens)
           score_heads<V, T, NG, 1>(q + g0 * head_dim, head_dim, k_rows + j, scores + g0 * kTokenTile + j);
       });
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < queries; ++g) {
         float* tile_scores = scores + g * kTokenTile;
-        for (int64_t j = num_tokens; j < kTokenTile; ++j) tile_scores[j] = kNegInf;
+        // Hidden tokens (later new tokens, past the tile) weigh 0 whatever their score, NaN included.
+        for (int64_t j = causal_tile ? visible(g) : num_tokens; j < kTokenTile; ++j) tile_scores[j] = kNegInf;
         const float tile_max = max_of_tile<V>(tile_scores);
         const float new_max = tile_max > running_max[g] ? tile_max : running_max[g];
         alpha[g] = running_max[g] == kNegInf ? 0.f : std::exp(running_max[g] - new_max);
@@ -246,10 +260,18 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
         const float shift = new_max == kNegInf ? 0.f : new_max;
         running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, shift);
       }
-      for_head_slices<V>(group, [&]<int NG>(int64_t g0) {
-        accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile, v_rows,
-                                    num_tokens);
-      });
+      if (!causal_tile) {
+        for_head_slices<V>(queries, [&]<int NG>(int64_t g0) {
+          accumulate_values<V, T, NG>(acc + g0 * head_dim, head_dim, alpha + g0, scores + g0 * kTokenTile, v_rows,
+                                      num_tokens);
+        });
+      } else {
+        // Query by query, over its visible tokens only: a hidden token's V is never read (0 * Inf is NaN).
+        for (int64_t g = 0; g < queries; ++g) {
+          accumulate_values<V, T, 1>(acc + g * head_dim, head_dim, alpha + g, scores + g * kTokenTile, v_rows,
+                                     visible(g));
+        }
+      }
     }
   }
 }

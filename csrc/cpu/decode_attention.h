@@ -19,28 +19,43 @@ enum class CacheDtype { kFloat, kBFloat16, kHalf };
 // Tokens scored and accumulated together; a multiple of every vector width used.
 constexpr int64_t kTokenTile = 32;
 
-// One call's attention, split into work items over a flat (row, KV chunk) index; each item runs
-// every kv head of its row over its chunk and leaves one partial result per (row, kv head, chunk).
+// One call's attention, split into work items over a flat (row, KV chunk) index; each item runs every kv head
+// of its row over its chunk, for all of the row's new tokens and query heads at once (each K/V row is read once
+// for all of them), and leaves one partial result per (new token, query head, chunk).
+//
+// Row b has n_b = query_start[b + 1] - query_start[b] new tokens, the last of its seq_lens[b]-token context:
+// new token i (context index seq_lens[b] - n_b + i) attends to context indices 0..seq_lens[b] - n_b + i.
+// fa_fused is the case n_b = 1.
 struct AttentionProblem {
-  const float* q;       // [batch, num_heads, head_dim], normed, roped and multiplied by the scale
+  // Normed, roped, scaled queries. Row b's start at query_start[b] * num_heads * head_dim and are laid out
+  // [num_kv_heads][n_b][group][head_dim]: the n_b * group queries of one kv head are contiguous.
+  const float* q;
   const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
   const void* v_cache;
   CacheDtype cache_dtype;
   const int32_t* block_table;  // [batch, >= max blocks of a row]
+  int64_t block_table_stride;  // elements from one row of block_table to the next (its columns are contiguous)
   const int32_t* seq_lens;     // [batch]
+  const int64_t* query_start;  // [batch + 1]
   int64_t batch, num_heads, num_kv_heads, head_dim, block_size;
-  int64_t block_table_stride;     // elements from one row of block_table to the next (its columns are contiguous)
   int64_t chunk_len, num_chunks;  // KV split: chunk c of a row covers tokens [c * chunk_len, (c + 1) * chunk_len)
-  // Per (row, kv head, chunk) and query head of the group: running max, running sum, unnormalised output.
-  float* partial_max;  // [batch, num_kv_heads, num_chunks, group]
-  float* partial_sum;  // [batch, num_kv_heads, num_chunks, group]
-  float* partial_out;  // [batch, num_kv_heads, num_chunks, group, head_dim]
+  int64_t max_queries;            // the most new tokens of one row
+  // Per (row, kv head, chunk) and query (i, g) of the row (i * group + g): running max, running sum and the
+  // unnormalised output, at partial_index(b, h, c) + i * group + g.
+  float* partial_max;
+  float* partial_sum;
+  float* partial_out;  // times head_dim
 
   int64_t group() const { return num_heads / num_kv_heads; }
+  int64_t queries(int64_t row) const { return query_start[row + 1] - query_start[row]; }
+  int64_t partial_index(int64_t row, int64_t kv_head, int64_t chunk) const {
+    const int64_t row_queries = queries(row) * group();
+    return (query_start[row] * num_heads + kv_head * row_queries) * num_chunks + chunk * row_queries;
+  }
   int64_t num_items() const { return batch * num_chunks; }
-  int64_t num_partials() const { return batch * num_kv_heads * num_chunks; }
-  // fp32 scratch one thread needs: scores and rescale factors of one token tile.
-  int64_t scratch_floats() const { return group() * (kTokenTile + 1); }
+  int64_t num_partials() const { return query_start[batch] * num_heads * num_chunks; }
+  // fp32 scratch one thread needs: scores and rescale factors of one token tile for a row's queries.
+  int64_t scratch_floats() const { return max_queries * group() * (kTokenTile + 1); }
 };
 
 // Attends work items [begin, end); scratch holds scratch_floats() floats owned by the caller's thread.

@@ -1,9 +1,11 @@
-// CPU kernel of qwen::fa_fused. Three passes, each an at::parallel_for:
-//   1. per row: RMSNorm + RoPE of q (fp32, times the softmax scale) and of k; k and v rounded to
-//      the cache dtype and written into the new token's slot;
-//   2. per (row, KV chunk): flash-decoding attention over the paged cache for every kv head, by the
-//      kernel built for the widest instruction set this CPU has (kernel_*.cpp);
-//   3. per (row, head): exact merge of the chunks' partial (max, sum, out) into the output.
+// CPU kernel of qwen::fa_fused and qwen::fa_fused_varlen (one kernel; fa_fused is the case of one new token
+// per row). Three passes, each an at::parallel_for:
+//   1. per new token: RMSNorm + RoPE of q (fp32, times the softmax scale) and of k; k and v rounded to
+//      the cache dtype and written into the token's slot (all writes before any read);
+//   2. per (row, KV chunk): flash-decoding attention over the paged cache for every kv head and all the row's
+//      new tokens (causal among them), by the kernel built for the widest instruction set this CPU has
+//      (kernel_*.cpp);
+//   3. per (new token, head): exact merge of the chunks' partial (max, sum, out) into the output.
 // The argument checks (../validation.cpp) all run before the first write.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -172,35 +174,64 @@ void norm_and_rope(float* x, const float* weight, const float* cos, const float*
   }
 }
 
-// Pass 1. q_out: [batch, num_heads, head_dim] fp32, scaled; k (roped) and v go to their slots.
+// Where each new token's queries go in the prepared q (AttentionProblem::q): row b's tokens as
+// [num_kv_heads][n_b][group][head_dim], so that the queries of one kv head are contiguous.
+struct QueryLayout {
+  std::vector<int64_t> row_of, index_in_row;  // per token
+  const std::vector<int64_t>& query_start;
+  int64_t num_heads, group, head_dim;
+
+  QueryLayout(const std::vector<int64_t>& query_start, int64_t num_heads, int64_t group, int64_t head_dim)
+      : query_start(query_start), num_heads(num_heads), group(group), head_dim(head_dim) {
+    const int64_t batch = static_cast<int64_t>(query_start.size()) - 1;
+    row_of.resize(query_start[batch]);
+    index_in_row.resize(query_start[batch]);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t t = query_start[b]; t < query_start[b + 1]; ++t) {
+        row_of[t] = b;
+        index_in_row[t] = t - query_start[b];
+      }
+    }
+  }
+
+  // Offset of query head h of token t.
+  int64_t offset(int64_t t, int64_t h) const {
+    const int64_t b = row_of[t], new_tokens = query_start[b + 1] - query_start[b];
+    const int64_t kv_head = h / group, g = h % group;
+    return (query_start[b] * num_heads + (kv_head * new_tokens + index_in_row[t]) * group + g) * head_dim;
+  }
+};
+
+// Pass 1, per new token: its q heads normed, roped and scaled into q_out (laid out by `layout`); k (roped)
+// and v rounded to the cache dtype and written to the token's slot.
 template <typename scalar_t, typename cache_t>
 void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeInputs& rope,
-                       const std::vector<int64_t>& slots, float scale, float eps, at::Tensor& k_cache,
-                       at::Tensor& v_cache, float* q_out) {
-  const int64_t batch = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
+                       const std::vector<int64_t>& slots, const QueryLayout& layout, float scale, float eps,
+                       at::Tensor& k_cache, at::Tensor& v_cache, float* q_out) {
+  const int64_t tokens = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
   const scalar_t* q_in = q.const_data_ptr<scalar_t>();
   const scalar_t* k_in = k.const_data_ptr<scalar_t>();
   const scalar_t* v_in = v.const_data_ptr<scalar_t>();
   cache_t* k_slots = k_cache.data_ptr<cache_t>();
   cache_t* v_slots = v_cache.data_ptr<cache_t>();
-  // A few rows are cheaper on the calling thread than a wake-up of the pool.
+  // A few tokens are cheaper on the calling thread than a wake-up of the pool.
   const int64_t grain = std::max<int64_t>(1, kMinParallelValues / ((num_heads + num_kv_heads) * head_dim));
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> x(head_dim), rotated(head_dim);
-    for (int64_t b = begin; b < end; ++b) {
-      const float* c = rope.cos.data() + b * head_dim;
-      const float* s = rope.sin.data() + b * head_dim;
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = rope.cos.data() + t * head_dim;
+      const float* s = rope.sin.data() + t * head_dim;
       for (int64_t h = 0; h < num_heads; ++h) {
-        const scalar_t* src = q_in + (b * num_heads + h) * head_dim;
+        const scalar_t* src = q_in + (t * num_heads + h) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(src[i]);
         norm_and_rope(x.data(), rope.q_weight.data(), c, s, head_dim, eps, rotated.data());
-        float* dst = q_out + (b * num_heads + h) * head_dim;
+        float* dst = q_out + layout.offset(t, h);
         for (int64_t i = 0; i < head_dim; ++i) dst[i] = rotated[i] * scale;
       }
-      if (slots[b] < 0) continue;
+      if (slots[t] < 0) continue;
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        const int64_t src_offset = (b * num_kv_heads + h) * head_dim;
-        const int64_t dst_offset = (slots[b] * num_kv_heads + h) * head_dim;
+        const int64_t src_offset = (t * num_kv_heads + h) * head_dim;
+        const int64_t dst_offset = (slots[t] * num_kv_heads + h) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(k_in[src_offset + i]);
         norm_and_rope(x.data(), rope.k_weight.data(), c, s, head_dim, eps, rotated.data());
         for (int64_t i = 0; i < head_dim; ++i) {
@@ -212,52 +243,52 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   });
 }
 
-// Pass 3: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's non-empty chunks.
+// Pass 3, per (new token, query head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's
+// chunks (those past the token's own context index hold m = -inf, l = 0 and weigh 0).
 template <typename scalar_t>
-void merge_chunks(const AttentionProblem& p, at::Tensor& out) {
-  const int64_t group = p.group(), head_dim = p.head_dim;
+void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, at::Tensor& out) {
+  const int64_t group = p.group(), head_dim = p.head_dim, tokens = p.query_start[p.batch];
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, kMinParallelValues / (head_dim * p.num_chunks));
-  at::parallel_for(0, p.batch * p.num_heads, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens * p.num_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> merged(head_dim);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
-      const int64_t kv_head = h / group, g = h % group;
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t t = th / p.num_heads, h = th % p.num_heads;
+      const int64_t b = layout.row_of[t];
+      const int64_t query = layout.index_in_row[t] * group + h % group;
       const int64_t chunks = (p.seq_lens[b] + p.chunk_len - 1) / p.chunk_len;
-      const int64_t first_partial = (b * p.num_kv_heads + kv_head) * p.num_chunks;
       float global_max = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < chunks; ++c)
-        global_max = std::max(global_max, p.partial_max[(first_partial + c) * group + g]);
+        global_max = std::max(global_max, p.partial_max[p.partial_index(b, h / group, c) + query]);
       float denominator = 0.f;
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t partial = first_partial + c;
-        const float weight = std::exp(p.partial_max[partial * group + g] - global_max);
-        denominator += weight * p.partial_sum[partial * group + g];
-        const float* acc = p.partial_out + (partial * group + g) * head_dim;
+        const int64_t partial = p.partial_index(b, h / group, c) + query;
+        const float weight = std::exp(p.partial_max[partial] - global_max);
+        denominator += weight * p.partial_sum[partial];
+        const float* acc = p.partial_out + partial * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * acc[i];
       }
-      for (int64_t i = 0; i < head_dim; ++i) dst[bh * head_dim + i] = static_cast<scalar_t>(merged[i] / denominator);
+      for (int64_t i = 0; i < head_dim; ++i) dst[th * head_dim + i] = static_cast<scalar_t>(merged[i] / denominator);
     }
   });
 }
 
-at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm_weight,
-                        const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
-                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table,
-                        const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
-                        const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale) {
-  const IndexPlan plan = validate({q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
-                                   seq_lens, positions, slot_mapping});
-  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k.size(1), block_size = k_cache.size(1);
+// Both ops: fa_fused is the case of one new token per row.
+at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& v_cache, double eps,
+                      std::optional<double> scale) {
+  const IndexPlan plan = validate(args);
+  const at::Tensor &q = args.q, &k = args.k, &v = args.v;
+  const int64_t tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t batch = args.seq_lens.size(0), num_kv_heads = k.size(1), block_size = k_cache.size(1);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
-  if (batch == 0) return out;
+  if (tokens == 0) return out;
   const CpuSwitches switches = cpu_switches();
-  const at::Tensor lens = seq_lens.contiguous();
+  const at::Tensor lens = args.seq_lens.contiguous();
   // The kernel walks a row's blocks with unit stride. A table with another column stride (a transposed
   // view) is compacted to the columns the rows use, never copied whole.
   const int64_t used_columns = (plan.max_len + block_size - 1) / block_size;
+  const at::Tensor& block_table = args.block_table;
   const at::Tensor table =
       block_table.stride(1) == 1 ? block_table : block_table.narrow(1, 0, used_columns).contiguous();
 
@@ -268,16 +299,18 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   problem.head_dim = head_dim;
   problem.block_size = block_size;
   problem.block_table_stride = table.stride(0);
+  problem.query_start = plan.query_start.data();
+  problem.max_queries = plan.max_queries;
   problem.chunk_len = choose_chunk_len(batch, plan.max_len, switches.forced_chunk_tokens);
   problem.num_chunks = (plan.max_len + problem.chunk_len - 1) / problem.chunk_len;
-  const int64_t group = problem.group();
   const int64_t items = problem.num_items();
-  const int64_t partials = problem.num_partials() * group;
+  const int64_t partials = problem.num_partials();
   const int64_t threads = at::get_num_threads();
+  const QueryLayout layout(plan.query_start, num_heads, problem.group(), head_dim);
 
   // One fp32 buffer for the prepared q, the chunks' partial results and the threads' scratch. Each
   // thread's scratch starts on a cache line of its own (no false sharing between the threads' writes).
-  const int64_t q_floats = batch * num_heads * head_dim;
+  const int64_t q_floats = tokens * num_heads * head_dim;
   const int64_t scratch_begin = round_up(q_floats + partials * (head_dim + 2), kFloatsPerCacheLine);
   const int64_t scratch_stride = round_up(problem.scratch_floats(), kFloatsPerCacheLine);
   at::Tensor workspace =
@@ -293,14 +326,15 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* thread_scratch = base + scratch_begin;
 
   const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
-  const RopeInputs rope = gather_rope_inputs(q_norm_weight, k_norm_weight, cos, sin, plan.positions, head_dim);
+  const RopeInputs rope =
+      gather_rope_inputs(args.q_norm_weight, args.k_norm_weight, args.cos, args.sin, plan.positions, head_dim);
   const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
   // Everything is checked: from here on the caches get written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
     using q_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "fa_fused_write", [&] {
-      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, rope, plan.slots, softmax_scale, static_cast<float>(eps),
-                                       k_cache, v_cache, q_prepared);
+      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, rope, plan.slots, layout, softmax_scale,
+                                       static_cast<float>(eps), k_cache, v_cache, q_prepared);
     });
   });
 
@@ -311,19 +345,44 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   problem.block_table = table.const_data_ptr<int32_t>();
   problem.seq_lens = lens.const_data_ptr<int32_t>();
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
-  const int64_t grain = plan.total_len * num_kv_heads * head_dim < kMinParallelValues * 16 ? items : 1;
+  const int64_t work = plan.total_len * num_kv_heads * head_dim * std::max<int64_t>(1, plan.max_queries);
+  const int64_t grain = work < kMinParallelValues * 16 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     switches.attend(problem, begin, end, thread_scratch + at::get_thread_num() * scratch_stride);
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_merge",
-                                  [&] { merge_chunks<scalar_t>(problem, out); });
+                                  [&] { merge_chunks<scalar_t>(problem, layout, out); });
   return out;
+}
+
+at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm_weight,
+                        const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
+                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
+                        const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale) {
+  return attend_cpu({q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                     positions, slot_mapping},
+                    k_cache, v_cache, eps, scale);
+}
+
+at::Tensor fa_fused_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight, const at::Tensor& cos,
+                               const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens,
+                               const at::Tensor& query_start_loc, const std::optional<at::Tensor>& positions,
+                               const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale) {
+  return attend_cpu({q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                     positions, slot_mapping, &query_start_loc},
+                    k_cache, v_cache, eps, scale);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("fa_fused", &fa_fused_cpu); }
+TORCH_LIBRARY_IMPL(qwen, CPU, m) {
+  m.impl("fa_fused", &fa_fused_cpu);
+  m.impl("fa_fused_varlen", &fa_fused_varlen_cpu);
+}
 
 TORCH_LIBRARY_FRAGMENT(qwen, m) {
   // Forgets the CPU kernel's switches (TORCH_QWEN_FUSED_CPU_ISA, TORCH_QWEN_FUSED_KV_CHUNK): the next call

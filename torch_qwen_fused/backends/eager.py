@@ -1,5 +1,5 @@
-"""The eager backend of ``qwen::fa_fused``: plain PyTorch, one function per step of the math
-(docs/contract.md, section 1). It runs on any device torch runs on: it is the op's kernel on every
+"""The eager backend of ``qwen::fa_fused`` and ``qwen::fa_fused_varlen``: plain PyTorch, one function per step
+of the math (docs/contract.md, sections 1 and 8). It runs on any device torch runs on: it is the op's kernel on every
 device without one of its own (CUDA, MPS, XPU, ...) and ``backend="eager"`` of the Python API.
 """
 
@@ -17,7 +17,12 @@ __all__ = [
     "paged_attention",
     "default_positions",
     "default_slot_mapping",
+    "token_rows",
+    "context_indices",
+    "default_varlen_slot_mapping",
+    "attend",
     "fa_fused_eager",
+    "fa_fused_varlen_eager",
 ]
 
 # The same function serves backend="eager" and every device without a kernel; the CPU and the NPU
@@ -38,7 +43,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """RoPE of ``x`` [B, H, D] at ``positions`` [B], with rotate-half tables [max_pos, D], in fp32."""
+    """RoPE of ``x`` [T, H, D] at ``positions`` [T], with rotate-half tables [max_pos, D], in fp32."""
     cos_at = cos[positions].float().unsqueeze(1)  # only the batch's rows of the table are read
     sin_at = sin[positions].float().unsqueeze(1)
     return x.float() * cos_at + rotate_half(x.float()) * sin_at
@@ -56,9 +61,32 @@ def default_slot_mapping(block_table: torch.Tensor, seq_lens: torch.Tensor, bloc
     return block * block_size + last % block_size
 
 
+def token_rows(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
+    """[T] int64: the row of each new token (row b's are tokens query_start_loc[b] .. query_start_loc[b + 1] - 1)."""
+    counts = query_start_loc[1:].long() - query_start_loc[:-1].long()
+    return torch.repeat_interleave(torch.arange(seq_lens.shape[0], device=seq_lens.device), counts)
+
+
+def context_indices(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
+    """[T] int64: the context index of each new token, ``seq_lens[b] - n_b + i`` for row b's i-th of n_b (the
+    new tokens are the last of the row's context). Also their default RoPE positions."""
+    rows = token_rows(seq_lens, query_start_loc)
+    counts = query_start_loc[1:].long() - query_start_loc[:-1].long()
+    index_in_row = torch.arange(rows.shape[0], device=rows.device) - query_start_loc[:-1].long()[rows]
+    return seq_lens.long()[rows] - counts[rows] + index_in_row
+
+
+def default_varlen_slot_mapping(block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                block_size: int) -> torch.Tensor:
+    """Flat cache slot of each new token: its context index through its row of the block table."""
+    rows = token_rows(seq_lens, query_start_loc)
+    index = context_indices(seq_lens, query_start_loc)
+    return block_table.long()[rows, index // block_size] * block_size + index % block_size
+
+
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 slot_mapping: torch.Tensor) -> None:
-    """Write k, v [B, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its row."""
+    """Write k, v [T, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its token."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     rows = slot_mapping >= 0
     slots = slot_mapping[rows]
@@ -73,26 +101,39 @@ def gather_context(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> t
     return cache[used].flatten(0, 1)[:seq_len].float()
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """GQA attention of one query token per row over its paged context, in fp32.
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """GQA softmax attention of one token's queries [Hq, D] over keys/values [L, Hkv, D], in fp32: [Hq, D]."""
+    num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    queries = query.float().view(num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("hgd,thd->hgt", queries, keys) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hgt,thd->hgd", probs, values).reshape(num_heads, head_dim)
 
-    q: [B, Hq, D]. Returns [B, Hq, D] fp32. Row b attends to its first seq_lens[b] tokens, which live in
-    blocks block_table[b, :ceil(seq_lens[b] / block_size)]. Row by row, so that time and memory follow the
-    tokens each row reads (a ragged batch is not padded to its longest row) and nothing past a row's
-    context (never-written slots may hold NaN) is ever read.
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, query_start_loc: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """GQA attention of each row's new tokens over its paged context, in fp32.
+
+    q: [T, Hq, D]; row b's new tokens are q[query_start_loc[b]:query_start_loc[b + 1]] (default: one per row),
+    the last n_b of its seq_lens[b]-token context, which lives in blocks
+    block_table[b, :ceil(seq_lens[b] / block_size)]. Its i-th new token attends causally to the first
+    seq_lens[b] - n_b + i + 1 tokens. Returns [T, Hq, D] fp32. Row by row and token by token, so that time and
+    memory follow the tokens each one reads (a ragged batch is not padded to its longest row) and nothing a
+    token does not see (never-written slots may hold NaN, and so may later new tokens) is ever read.
     """
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    if query_start_loc is None:
+        query_start_loc = torch.arange(seq_lens.shape[0] + 1, device=seq_lens.device)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    starts = query_start_loc.tolist()
     for row, seq_len in enumerate(seq_lens.tolist()):
+        first, end = starts[row], starts[row + 1]
         keys = gather_context(k_cache, block_table[row], seq_len)        # [L, Hkv, D]
         values = gather_context(v_cache, block_table[row], seq_len)
-        queries = q[row].float().view(num_kv_heads, group, head_dim)
-        scores = torch.einsum("hgd,thd->hgt", queries, keys) * scale
-        probs = torch.softmax(scores, dim=-1)
-        out[row] = torch.einsum("hgt,thd->hgd", probs, values).reshape(num_heads, head_dim)
+        for token in range(first, end):
+            visible = seq_len - (end - first) + (token - first) + 1
+            out[token] = attend(q[token], keys[:visible], values[:visible], scale)
     return out
 
 
@@ -121,4 +162,30 @@ def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.to(q.dtype)
 
 
+def fa_fused_varlen_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                          positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
+                          eps: float = 1e-6, scale: Optional[float] = None) -> torch.Tensor:
+    """Several new tokens per row: qk-norm, RoPE, every token's cache write, then causal paged GQA attention,
+    after the op's checks (``qwen::fa_fused_varlen_check``)."""
+    torch.ops.qwen.fa_fused_varlen_check(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache,
+                                         block_table, seq_lens, query_start_loc, positions, slot_mapping)
+    if positions is None:
+        positions = context_indices(seq_lens, query_start_loc)
+    if slot_mapping is None:
+        slot_mapping = default_varlen_slot_mapping(block_table, seq_lens, query_start_loc, k_cache.shape[1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    positions = positions.long()
+    q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
+    k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
+    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long())
+    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, query_start_loc)
+    return out.to(q.dtype)
+
+
 torch.library.impl("qwen::fa_fused", _REGISTRATION_KEY)(fa_fused_eager)
+torch.library.impl("qwen::fa_fused_varlen", _REGISTRATION_KEY)(fa_fused_varlen_eager)
