@@ -42,15 +42,18 @@ FP32_TOL = 1e-4
 
 
 class CountFusedCalls(TorchDispatchMode):
-    """Counts the calls that really reached the ``qwen::fa_fused`` operator."""
+    """Counts the calls that really reached the ``qwen::fa_fused`` and ``qwen::fa_fused_varlen`` operators."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
+        self.varlen_calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.qwen.fa_fused.default:
             self.calls += 1
+        if func is torch.ops.qwen.fa_fused_varlen.default:
+            self.varlen_calls += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -300,9 +303,9 @@ def test_explicit_paged_cache(argument):
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_chunked_prefill_reads_the_paged_cache(attn_implementation):
-    """Prefill chunks after the first attend to the rows' cached tokens (the cache's context path, with a
-    bool mask for sdpa and an additive one for eager attention)."""
+def test_chunked_prefill_fuses_the_chunks_after_the_first(attn_implementation):
+    """The first chunk runs the model's own attention (nothing is cached yet); each later chunk of 48 tokens
+    is one fa_fused_varlen call per layer over the rows' cached tokens (125 padded positions: 3 chunks)."""
     layout = HEAD_LAYOUTS[0]
     model = qwen3_model(layout, attn_implementation=attn_implementation)
     stock = generate(model, "padded")
@@ -311,6 +314,7 @@ def test_chunked_prefill_reads_the_paged_cache(attn_implementation):
     assert torch.equal(fused.sequences, stock.sequences)
     assert max_logit_diff(fused, stock) <= FP32_TOL
     assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+    assert handle.varlen_calls == 2 * LAYERS
 
 
 def test_beam_search_reorders_the_paged_cache():
@@ -422,7 +426,8 @@ def test_assisted_decoding_matches_stock(assistant, padding):
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                   assistant_model=draft, return_dict_in_generate=True, output_scores=True)
     stock = model.generate(**kwargs)
-    with patch_model(model, block_size=4), patch_model(draft, block_size=4) as draft_handle:
+    with patch_model(model, block_size=4) as handle, patch_model(draft, block_size=4) as draft_handle, \
+            CountFusedCalls() as counter:
         fused = model.generate(**kwargs)
     assert torch.equal(fused.sequences, stock.sequences)
     assert len(fused.scores) == len(stock.scores)
@@ -430,6 +435,12 @@ def test_assisted_decoding_matches_stock(assistant, padding):
     assert isinstance(fused.cache, PagedKVCache)
     assert_cache_matches_stock(fused.cache, stock.cache)
     assert draft_handle.fused_calls > 0
+    # The main model verifies each round's drafts in one fa_fused_varlen call per layer.
+    rounds = handle.varlen_calls // LAYERS
+    assert rounds > 0 and handle.varlen_calls == rounds * LAYERS
+    # (The same model as its own assistant has one handle.)
+    handles = {id(handle): handle, id(draft_handle): draft_handle}.values()
+    assert counter.varlen_calls == sum(h.varlen_calls for h in handles)
 
 
 def attention_steps(model, cache, steps=3, **kwargs):
@@ -647,3 +658,32 @@ def test_freed_row_restarts_as_a_left_padded_row():
             ids, mask = step(ids, mask, 1)
         assert paged.seq_lens.tolist() == [12, 6]
         assert handle.fused_calls == (2 + 3) * LAYERS
+
+
+def test_several_tokens_with_padding_among_them_match_stock():
+    """A 3-token step over cached rows where one row's middle token is padding: the real tokens are packed into
+    one fa_fused_varlen call per layer (the padding is neither written nor attended to), and the logits of every
+    real position are stock's."""
+    layout = HEAD_LAYOUTS[1]
+    model = qwen3_model(layout)
+    ids, mask = prompts("padded")
+    step_ids = torch.randint(1, VOCAB, (ids.shape[0], 3), generator=torch.Generator().manual_seed(9))
+    step_mask = torch.ones_like(step_ids)
+    step_mask[1, 1] = 0
+    full_mask = torch.cat((mask, step_mask), 1)
+    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
+
+    def run(cache):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions[:, : ids.shape[1]], cache=cache)
+            return model(input_ids=step_ids, attention_mask=full_mask, position_ids=positions[:, ids.shape[1]:],
+                         cache=cache).logits
+
+    stock = run(DynamicCache(config=model.config))
+    with patch_model(model, block_size=8) as handle:
+        cache = PagedKVCache(model.config, block_size=8)
+        fused = run(cache)
+    assert handle.varlen_calls == LAYERS
+    real = step_mask.bool()
+    torch.testing.assert_close(fused[real], stock[real], atol=FP32_TOL, rtol=0)
+    assert cache.seq_lens.tolist() == (torch.tensor(PROMPTS["padded"]) + step_mask.sum(1)).tolist()

@@ -5,7 +5,7 @@ from transformers.utils.output_capturing import _active_collector
 
 from .step import StepPlan
 
-__all__ = ["can_fuse", "fused_decode"]
+__all__ = ["can_fuse", "can_fuse_several", "fused_decode", "fused_several_tokens"]
 
 
 def attentions_requested(kwargs) -> bool:
@@ -19,16 +19,28 @@ def attentions_requested(kwargs) -> bool:
     return collector is not None and "attentions" in collector
 
 
-def can_fuse(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
-    """Whether this step is one ``fa_fused`` call: one new real token per row, a mask that sees exactly the
-    cached tokens, and nothing the op does not give (attention weights, dropout, gradients)."""
-    if plan.query_length != 1 or not plan.all_real or not plan.mask_matches_cache:
+def _op_can_serve(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
+    """A mask that sees exactly the cached tokens (and causally the new ones), and nothing the ops do not give:
+    attention weights, dropout, gradients (they are inference-only: they raise under grad mode when an input
+    requires grad)."""
+    if not plan.mask_matches_cache:
         return False
     if attentions_requested(kwargs) or (module.training and module.attention_dropout > 0):
         return False
-    # fa_fused is inference-only: it raises under grad mode when an input requires grad.
     return not (torch.is_grad_enabled()
                 and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+def can_fuse(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
+    """Whether this step is one ``fa_fused`` call: one new real token per row (a decode step)."""
+    return plan.query_length == 1 and plan.all_real and _op_can_serve(module, hidden_states, plan, kwargs)
+
+
+def can_fuse_several(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
+    """Whether this step is one ``fa_fused_varlen`` call: new tokens over a cache that already holds tokens
+    (assisted decoding's verification of drafted tokens, a chunk of a chunked prefill, a batch with padding
+    rows). A first prefill (nothing cached) stays with the model's own attention."""
+    return plan.has_past and _op_can_serve(module, hidden_states, plan, kwargs)
 
 
 def fused_decode(module, hidden_states: torch.Tensor, cache, plan: StepPlan, cos: torch.Tensor,
@@ -47,3 +59,27 @@ def fused_decode(module, hidden_states: torch.Tensor, cache, plan: StepPlan, cos
         positions=plan.decode_positions, slot_mapping=plan.decode_slots,
         eps=module.q_norm.variance_epsilon, scale=module.scaling)
     return module.o_proj(out.reshape(batch, 1, -1)), None
+
+
+def fused_several_tokens(module, hidden_states: torch.Tensor, cache, plan: StepPlan, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple:
+    """Qwen3 attention of several new tokens per row in one ``fa_fused_varlen`` call. The real new tokens are
+    packed row after row (each row's are the last of its cached context, as the op takes them); padding tokens
+    are neither written nor attended to, and their outputs are zeros (HF discards them)."""
+    batch, length = hidden_states.shape[:2]
+    head_dim = module.head_dim
+    flat = hidden_states.reshape(batch * length, -1)
+    if plan.real_index is not None:
+        flat = flat.index_select(0, plan.real_index)
+    query = module.q_proj(flat).view(flat.shape[0], -1, head_dim)
+    key = module.k_proj(flat).view(flat.shape[0], -1, head_dim)
+    value = module.v_proj(flat).view(flat.shape[0], -1, head_dim)
+    layer = cache.layers[module.layer_idx]
+    out = torch.ops.qwen.fa_fused_varlen(
+        query, key, value, module.q_norm.weight, module.k_norm.weight, cos, sin,
+        layer.k_cache, layer.v_cache, cache.block_table, plan.seq_lens, plan.query_start_loc,
+        positions=plan.real_positions, slot_mapping=plan.real_slots,
+        eps=module.q_norm.variance_epsilon, scale=module.scaling).reshape(flat.shape[0], -1)
+    if plan.real_index is not None:
+        out = out.new_zeros(batch * length, out.shape[1]).index_copy_(0, plan.real_index, out)
+    return module.o_proj(out.view(batch, length, -1)), None

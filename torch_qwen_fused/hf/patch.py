@@ -26,7 +26,7 @@ import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
 from .cache import PagedKVCache
-from .decode import can_fuse, fused_decode
+from .decode import can_fuse, can_fuse_several, fused_decode, fused_several_tokens
 from .rope import MIN_ROPE_TABLE, ModelRope
 
 __all__ = ["patch_model", "PatchHandle"]
@@ -78,6 +78,9 @@ class PatchHandle:
     Attributes:
         fused_calls: how many attention calls went through ``torch.ops.qwen.fa_fused`` (one per layer per
             decode step: one new token per row).
+        varlen_calls: how many went through ``torch.ops.qwen.fa_fused_varlen`` (one per layer per step of
+            several new tokens over a cache that holds tokens: assisted decoding's verification, prefill chunks
+            after the first).
         block_size, num_blocks, max_memory: how the caches that ``generate()`` builds are sized (see
             ``new_cache``).
         last_cache: the last ``PagedKVCache`` the patched ``generate()`` built (held weakly), or None.
@@ -89,6 +92,7 @@ class PatchHandle:
     def __init__(self, model, base, attentions, block_size, num_blocks, max_memory):
         self.model = model
         self.fused_calls = 0
+        self.varlen_calls = 0
         self._base = base
         self._attentions = attentions
         self._configure(block_size, num_blocks, max_memory)
@@ -249,6 +253,9 @@ class PatchHandle:
         if can_fuse(module, hidden_states, plan, kwargs):
             self.fused_calls += 1
             return fused_decode(module, hidden_states, cache, plan, self._rope.cos, self._rope.sin)
+        if can_fuse_several(module, hidden_states, plan, kwargs):
+            self.varlen_calls += 1
+            return fused_several_tokens(module, hidden_states, cache, plan, self._rope.cos, self._rope.sin)
         # Stock code: the cache's update returns every seen position in DynamicCache's layout, so the model's
         # own mask, attention implementation and attention weights apply unchanged.
         return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)

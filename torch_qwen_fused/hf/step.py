@@ -42,6 +42,18 @@ class StepPlan:
     def decode_slots(self) -> torch.Tensor:
         return self.slots[:, 0]
 
+    @property
+    def real_positions(self) -> torch.Tensor:
+        """[N] int64: the RoPE positions of the real new tokens, packed row after row."""
+        flat = self.positions.reshape(-1)
+        return flat if self.real_index is None else flat.index_select(0, self.real_index)
+
+    @property
+    def query_start_loc(self) -> torch.Tensor:
+        """[B + 1] int32: where each row's real new tokens start among the packed ones (fa_fused_varlen's)."""
+        counts = self.real.sum(dim=1, dtype=torch.int32)
+        return torch.cat((counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)))
+
 
 def real_new_tokens(attention_mask, batch_size: int, query_length: int, device) -> torch.Tensor:
     """[B, q] bool: which of a step's new tokens are real, from HF's 2-D mask (its last q columns) or a 4-D
