@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXTENSION := torch_qwen_fused/_C.stamp
 CSRC := $(shell find csrc -name "*.cpp" -o -name "*.h") setup.py
 
-.PHONY: setup lint format test test-pypto demo bench bench-op bench-decode bench-pypto clean
+.PHONY: setup lint format test test-pypto demo bench bench-op bench-decode bench-varlen bench-pypto clean
 
 setup: $(EXTENSION)
 
@@ -46,13 +46,16 @@ test-pypto: setup
 demo: setup
 	$(PY) -m torch_qwen_fused.demo
 
-bench: bench-op bench-decode
+bench: bench-op bench-decode bench-varlen
 
 bench-op: setup
 	$(PY) -m benchmarks.bench_op
 
 bench-decode: setup
 	$(PY) -m benchmarks.bench_decode
+
+bench-varlen: setup
+	$(PY) -m benchmarks.bench_varlen
 
 bench-pypto: setup
 	$(PY) -m benchmarks.bench_pypto_costmodel
