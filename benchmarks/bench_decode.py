@@ -9,12 +9,14 @@ a random prompt (``--prefill model``). The DynamicCache is copied into a PagedKV
 per layer), so both runs decode from the same context; each rep then times ``--steps`` greedy decode steps
 of the stock model and of the patched one, side by side (the order alternates), and crops both caches back
 to L tokens. Reported: decode tokens/s (batch x steps / time), median over reps, and patched / stock.
-The first patched step's logits are checked against stock's before timing.
+Before timing, one decode step of an fp32 copy of the model is checked, stock vs patched (relative logit
+difference <= 1e-3); the run's own first-step logit difference (bf16 rounding included) is reported as a figure.
 
 Output: benchmarks/results/bench_decode.json and .png (tokens/s vs context, one line per method).
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -83,6 +85,28 @@ def decode(model, cache, token, steps: int):
     return torch.cat(generated, dim=1), first_logits
 
 
+# fp32 stock vs fp32 patched, one decode step from the same context: what the fused path itself changes. (A bf16
+# run adds bf16 rounding on top, which a deep random model amplifies past any fixed bound: it is reported only.)
+FP32_RELATIVE_BOUND = 1e-3
+
+
+def fp32_logit_diff(model, dense_cache, first, args) -> float:
+    """max |stock - patched| / max |stock| of one decode step of an fp32 copy of ``model`` over the context
+    in ``dense_cache`` (a DynamicCache, left as it is)."""
+    from transformers import DynamicCache
+
+    reference = copy.deepcopy(model).float()
+    stock_cache = DynamicCache(config=model.config)
+    for index, layer in enumerate(dense_cache.layers):
+        stock_cache.update(layer.keys.float(), layer.values.float(), index)
+    with hf.patch_model(reference, block_size=args.block_size) as handle:
+        paged_cache = paged_copy(handle, stock_cache, args.batch, stock_cache.get_seq_length(),
+                                 stock_cache.get_seq_length() + 2)
+        _, patched = decode(reference, paged_cache, first, 1)
+    _, stock = decode(reference, stock_cache, first, 1)
+    return (stock - patched).abs().max().item() / stock.abs().max().item()
+
+
 def bench_context(model, preset, context, args, progress):
     from transformers import DynamicCache
 
@@ -129,10 +153,11 @@ def bench_context(model, preset, context, args, progress):
     if fused != expected_calls:
         raise RuntimeError(f"{preset} L={context}: {fused} fused calls, expected {expected_calls}")
     logit_diff = (stock_logits - patched_logits).abs().max().item()
-    scale = stock_logits.abs().max().item()
-    if logit_diff > 0.05 * scale:
-        raise RuntimeError(f"{preset} L={context}: patched logits differ from stock by {logit_diff} "
-                           f"(max |logit| {scale})")
+    progress(f"{preset} L={context}: fp32 check (stock vs patched, one step)")
+    fp32_diff = fp32_logit_diff(model, stock_cache, first, args)
+    if fp32_diff > FP32_RELATIVE_BOUND:
+        raise RuntimeError(f"{preset} L={context}: in fp32, patched logits differ from stock by {fp32_diff:.3g} of "
+                           f"the max |logit| (bound {FP32_RELATIVE_BOUND})")
     agreement = (stock_tokens == patched_tokens).float().mean().item()
 
     times = {"stock": [], "patched": []}
@@ -147,7 +172,8 @@ def bench_context(model, preset, context, args, progress):
         results.append({"preset": preset, "L": context, "batch": args.batch, "method": method,
                         "tokens_per_s": statistics.median(tokens_per_s), "min_tokens_per_s": min(tokens_per_s),
                         "max_tokens_per_s": max(tokens_per_s), "step_times_s": [t / args.steps for t in samples],
-                        "first_step_max_logit_diff": logit_diff, "token_agreement": agreement,
+                        "first_step_max_logit_diff": logit_diff, "fp32_first_step_relative_logit_diff": fp32_diff,
+                        "token_agreement": agreement,
                         "fused_calls_per_step": fused // args.steps})
     return results
 
