@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <unordered_map>
+#include <tuple>
 #include <utility>
 
 namespace qwen_fused {
@@ -17,6 +19,10 @@ namespace {
 constexpr int64_t kMaxHeadDim = 256;
 
 bool is_supported_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+bool is_cache_dtype(at::ScalarType t) {
+  return is_supported_dtype(t) || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
+}
 
 // Norm weights and RoPE tables are read value by value (float_at), in any of these.
 bool is_table_dtype(at::ScalarType t) { return is_supported_dtype(t) || t == at::kDouble; }
@@ -86,8 +92,8 @@ void check_shapes(const FaFusedArgs& a) {
     TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({num_blocks, block_size, num_kv_heads, head_dim}), op, ": ", name,
                       " must have shape [", num_blocks, ", ", block_size, ", ", num_kv_heads, ", ", head_dim, "], got ",
                       shape_of(*t));
-    TORCH_CHECK_VALUE(is_supported_dtype(t->scalar_type()), op, ": ", name,
-                      " must be float32, float16 or bfloat16, got ", dtype_name(*t));
+    TORCH_CHECK_VALUE(is_cache_dtype(t->scalar_type()), op, ": ", name,
+                      " must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", dtype_name(*t));
     TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, " must be contiguous (it is written in place), got strides ",
                       t->strides());
   }
@@ -109,6 +115,11 @@ void check_shapes(const FaFusedArgs& a) {
                     batch, ", max_blocks], got ", shape_of(a.block_table));
   TORCH_CHECK_VALUE(a.block_table.scalar_type() == at::kInt, op, ": block_table must be int32, got ",
                     dtype_name(a.block_table));
+  for (const auto& [name, t] : {NamedTensor{"k_scale", a.k_scale}, {"v_scale", a.v_scale}}) {
+    TORCH_CHECK_VALUE(!t || (t->numel() == 1 && t->scalar_type() == at::kFloat), op, ": ", name,
+                      " must be a float32 tensor of one element (the layer's scale), got shape ", shape_of(*t), " and ",
+                      dtype_name(*t));
+  }
   if (a.positions) check_index_tensor(op, "positions", *a.positions, tokens);
   if (a.slot_mapping) check_index_tensor(op, "slot_mapping", *a.slot_mapping, tokens);
   const NamedTensor named[] = {{"k", &a.k},
@@ -123,7 +134,9 @@ void check_shapes(const FaFusedArgs& a) {
                                {"seq_lens", &a.seq_lens},
                                {"query_start_loc", a.query_start_loc},
                                {"positions", optional_ptr(a.positions)},
-                               {"slot_mapping", optional_ptr(a.slot_mapping)}};
+                               {"slot_mapping", optional_ptr(a.slot_mapping)},
+                               {"k_scale", a.k_scale},
+                               {"v_scale", a.v_scale}};
   for (const auto& [name, t] : named) {
     if (t) {
       TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
@@ -169,7 +182,9 @@ void check_writes(const FaFusedArgs& a) {
                                 {"seq_lens", &a.seq_lens},
                                 {"query_start_loc", a.query_start_loc},
                                 {"positions", optional_ptr(a.positions)},
-                                {"slot_mapping", optional_ptr(a.slot_mapping)}};
+                                {"slot_mapping", optional_ptr(a.slot_mapping)},
+                                {"k_scale", a.k_scale},
+                                {"v_scale", a.v_scale}};
   for (const auto& [name, t] : inputs) {
     for (const auto& [cache_name, cache] : caches) {
       TORCH_CHECK_VALUE(!t || !spans_overlap(*t, *cache), op, ": ", name, " overlaps ", cache_name,
@@ -309,7 +324,15 @@ IndexPlan validate(const FaFusedArgs& a) {
   };
   const HostIndices host{on_host(a.block_table), on_host(a.seq_lens), optional_on_host(a.query_start_loc),
                          optional_on_host(optional_ptr(a.positions)), optional_on_host(optional_ptr(a.slot_mapping))};
-  return check_values(a.op(), host, a.q.size(0), a.k_cache.size(0), a.k_cache.size(1), a.cos.size(0));
+  IndexPlan plan = check_values(a.op(), host, a.q.size(0), a.k_cache.size(0), a.k_cache.size(1), a.cos.size(0));
+  for (const auto& [name, t, value] :
+       {std::tuple{"k_scale", a.k_scale, &plan.k_scale}, std::tuple{"v_scale", a.v_scale, &plan.v_scale}}) {
+    if (!t) continue;
+    *value = on_host(*t).item<float>();
+    TORCH_CHECK_VALUE(std::isfinite(*value) && *value > 0.f, a.op(), ": ", name, " must be finite and > 0, got ",
+                      *value);
+  }
+  return plan;
 }
 
 namespace {
@@ -333,9 +356,24 @@ void fa_fused_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
-                    const std::optional<at::Tensor>& slot_mapping) {
-  const FaFusedArgs args{q,       k,       v,           q_norm_weight, k_norm_weight, cos,         sin,
-                         k_cache, v_cache, block_table, seq_lens,      positions,     slot_mapping};
+                    const std::optional<at::Tensor>& slot_mapping, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale) {
+  const FaFusedArgs args{q,
+                         k,
+                         v,
+                         q_norm_weight,
+                         k_norm_weight,
+                         cos,
+                         sin,
+                         k_cache,
+                         v_cache,
+                         block_table,
+                         seq_lens,
+                         positions,
+                         slot_mapping,
+                         nullptr,
+                         optional_ptr(k_scale),
+                         optional_ptr(v_scale)};
   check_no_grad_of(args);
   validate(args);
 }
@@ -344,9 +382,24 @@ void fa_fused_varlen_check(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight, const at::Tensor& cos,
                            const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slot_mapping) {
-  const FaFusedArgs args{q,       k,       v,           q_norm_weight, k_norm_weight, cos,          sin,
-                         k_cache, v_cache, block_table, seq_lens,      positions,     slot_mapping, &query_start_loc};
+                           const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& slot_mapping,
+                           const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  const FaFusedArgs args{q,
+                         k,
+                         v,
+                         q_norm_weight,
+                         k_norm_weight,
+                         cos,
+                         sin,
+                         k_cache,
+                         v_cache,
+                         block_table,
+                         seq_lens,
+                         positions,
+                         slot_mapping,
+                         &query_start_loc,
+                         optional_ptr(k_scale),
+                         optional_ptr(v_scale)};
   check_no_grad_of(args);
   validate(args);
 }

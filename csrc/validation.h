@@ -29,6 +29,8 @@ struct FaFusedArgs {
   const std::optional<at::Tensor>& positions;
   const std::optional<at::Tensor>& slot_mapping;
   const at::Tensor* query_start_loc = nullptr;
+  const at::Tensor* k_scale = nullptr;  // fp32, one element (None: 1)
+  const at::Tensor* v_scale = nullptr;
 
   // The op's name, as messages say it.
   const char* op() const { return query_start_loc ? "fa_fused_varlen" : "fa_fused"; }
@@ -40,8 +42,9 @@ struct IndexPlan {
   std::vector<int64_t> positions;    // [tokens]: RoPE position of each new token
   std::vector<int64_t> slots;        // [tokens]: its cache slot, -1: not written
   int64_t max_len = 0;
-  int64_t total_len = 0;    // sum of seq_lens: how much attention work the call has
-  int64_t max_queries = 0;  // the most new tokens of one row
+  int64_t total_len = 0;               // sum of seq_lens: how much attention work the call has
+  int64_t max_queries = 0;             // the most new tokens of one row
+  float k_scale = 1.f, v_scale = 1.f;  // the cache stores x / scale and is read as stored * scale
 };
 
 // With grad mode on, a tensor that requires grad is refused (RuntimeError naming `name`): the ops are

@@ -12,7 +12,7 @@ def run_backend(case: Case, backend: str, **kwargs):
     """Runs a fresh copy of ``case`` through ``backend``; returns (case after the call, output)."""
     working = case.clone()
     api = torch_qwen_fused.fa_fused_varlen if case.varlen else torch_qwen_fused.fa_fused
-    out = api(*working.args(), backend=backend, **kwargs)
+    out = api(*working.args(), backend=backend, **working.scales(), **kwargs)
     return working, out
 
 

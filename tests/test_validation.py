@@ -100,7 +100,7 @@ BAD_INPUTS = {
     "k_cache non-contiguous": (non_contiguous_cache, "k_cache must be contiguous"),
     "v_cache dtype": (replace(v_cache=lambda c: c.v_cache.half()), "v_cache must have k_cache's dtype"),
     "cache integer": (replace(k_cache=lambda c: c.k_cache.to(torch.int16), v_cache=lambda c: c.v_cache.to(torch.int16)),
-                      "k_cache must be float32, float16 or bfloat16"),
+                      "k_cache must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got torch.int16"),
     "block_table int64": (replace(block_table=lambda c: c.block_table.long()), "block_table must be int32"),
     "block_table rows": (replace(block_table=lambda c: c.block_table[:1]),
                          "block_table must have shape [2, max_blocks]"),

@@ -19,7 +19,8 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              k_cache: torch.Tensor, v_cache: torch.Tensor,
              block_table: torch.Tensor, seq_lens: torch.Tensor,
              positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
-             eps: float = 1e-6, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+             eps: float = 1e-6, scale: Optional[float] = None, k_scale: Optional[torch.Tensor] = None,
+             v_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """One Qwen3 decode step of attention for a batch of sequences, each with one new token.
 
     For each row b, with positions[b] (default seq_lens[b] - 1) as the new token's RoPE position:
@@ -44,8 +45,8 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cos, sin: (max_position, head_dim), any float dtype. Rotate-half tables
             (``cat(freqs, freqs)``); see ``rope_cos_sin``.
         k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim), contiguous,
-            float32/float16/bfloat16 (may differ from q's). Paged cache of one layer, vLLM's "NHD"
-            layout, any block_size >= 1. Updated in place at the new token's slot.
+            float32/float16/bfloat16/float8_e4m3fn/float8_e5m2 (may differ from q's). Paged cache of one
+            layer, vLLM's "NHD" layout, any block_size >= 1. Updated in place at the new token's slot.
         block_table: (batch_size, max_blocks), int32. Physical block of each logical block of each
             row; only the first ceil(seq_lens[b] / block_size) entries of row b are read.
         seq_lens: (batch_size,), int32. Context length of each row **including** the new token, >= 1;
@@ -57,6 +58,10 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             output is then unspecified). Default: derived from block_table and seq_lens.
         eps: float. RMSNorm epsilon. Default 1e-6.
         scale [optional]: float. Softmax scale. Default 1 / sqrt(head_dim).
+        k_scale, v_scale [optional]: (1,) float32 tensors, finite and > 0 (vLLM's per-layer scales; None: 1).
+            The caches store ``saturate(x / scale)`` rounded to nearest even in their dtype (fp8 saturates to
+            its finite range) and are read as ``stored * scale``. Tensors, so that new values never
+            recompile a compiled graph.
         backend [optional]: None dispatches by device (the C++ kernel on the CPU, the eager fallback
             on devices without a kernel, the pypto kernel on an Ascend NPU), unless the environment
             variable TORCH_QWEN_FUSED_BACKEND names one; "cpu": the C++ kernel; "eager": the
@@ -78,17 +83,17 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
             positions, slot_mapping)
     if backend is None:
-        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale)
+        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     if backend == "cpu":
         if q.device.type != "cpu":
             raise ValueError(f"fa_fused: backend='cpu' needs CPU tensors, got q on {q.device}")
-        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale)
+        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     if backend == "eager":
-        return fa_fused_eager(*args, eps=eps, scale=scale)
+        return fa_fused_eager(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     if backend == "pypto":
         from .backends.pypto.replay import fa_fused_pypto
 
-        return fa_fused_pypto(*args, eps=eps, scale=scale)
+        return fa_fused_pypto(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     raise ValueError(f"fa_fused: backend must be None or one of {BACKENDS}, got {backend!r}")
 
 
@@ -98,7 +103,8 @@ def fa_fused_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
-                    eps: float = 1e-6, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+                    eps: float = 1e-6, scale: Optional[float] = None, k_scale: Optional[torch.Tensor] = None,
+             v_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Qwen3 attention for several new tokens per row (speculative decoding's verification, chunked prefill).
 
     The tokens of all rows are packed along the first dim, as in flash-attn's ``varlen`` functions: row b's
@@ -138,13 +144,13 @@ def fa_fused_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
             query_start_loc, positions, slot_mapping)
     if backend is None:
-        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale)
+        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     if backend == "cpu":
         if q.device.type != "cpu":
             raise ValueError(f"fa_fused_varlen: backend='cpu' needs CPU tensors, got q on {q.device}")
-        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale)
+        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     if backend == "eager":
-        return fa_fused_varlen_eager(*args, eps=eps, scale=scale)
+        return fa_fused_varlen_eager(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
     if backend == "pypto":
         raise ValueError("fa_fused_varlen: the pypto kernel takes one new token per row (fa_fused); use backend "
                          "None, 'cpu' or 'eager'")
@@ -159,7 +165,7 @@ def reload_cpu_switches() -> None:
 
 @torch.library.register_fake("qwen::fa_fused")
 def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                   positions=None, slot_mapping=None, eps=1e-6, scale=None):
+                   positions=None, slot_mapping=None, eps=1e-6, scale=None, k_scale=None, v_scale=None):
     # Shapes only: the real kernel runs every check of the contract before it writes (validation.cpp).
     torch._check(q.dim() == 3, lambda: f"fa_fused: q must be 3-D [batch, num_heads, head_dim], got {q.dim()}-D")
     return q.new_empty(q.shape)
@@ -167,7 +173,8 @@ def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
 
 @torch.library.register_fake("qwen::fa_fused_varlen")
 def _fa_fused_varlen_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                          query_start_loc, positions=None, slot_mapping=None, eps=1e-6, scale=None):
+                          query_start_loc, positions=None, slot_mapping=None, eps=1e-6, scale=None, k_scale=None,
+                          v_scale=None):
     torch._check(q.dim() == 3,
                  lambda: f"fa_fused_varlen: q must be 3-D [num_tokens, num_heads, head_dim], got {q.dim()}-D")
     return q.new_empty(q.shape)

@@ -23,6 +23,9 @@ TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=0.0),
     torch.float16: dict(atol=2e-2, rtol=5e-3),
     torch.bfloat16: dict(atol=2e-2, rtol=5e-3),
+    # fp8 caches: the output within 2e-2 of the reference on the dequantized cache (section 7).
+    torch.float8_e4m3fn: dict(atol=2e-2, rtol=5e-3),
+    torch.float8_e5m2: dict(atol=2e-2, rtol=5e-3),
 }
 
 
@@ -46,6 +49,8 @@ class Case:
     slot_mapping: Optional[torch.Tensor] = None
     written_rows: list = field(default_factory=list)
     query_start_loc: Optional[torch.Tensor] = None
+    k_scale: Optional[torch.Tensor] = None
+    v_scale: Optional[torch.Tensor] = None
 
     @property
     def varlen(self) -> bool:
@@ -57,9 +62,17 @@ class Case:
         return (self.q, self.k, self.v, self.q_norm_weight, self.k_norm_weight, self.cos, self.sin,
                 self.k_cache, self.v_cache) + indices + (self.positions, self.slot_mapping)
 
+    def scales(self) -> dict:
+        """The keyword arguments k_scale / v_scale, where set."""
+        return {name: getattr(self, name) for name in ("k_scale", "v_scale") if getattr(self, name) is not None}
+
     def op(self):
         """``torch.ops.qwen.fa_fused`` or ``fa_fused_varlen``, whichever takes ``args()``."""
         return torch.ops.qwen.fa_fused_varlen if self.varlen else torch.ops.qwen.fa_fused
+
+    def run_op(self, **kwargs):
+        """The op on this case itself (in place), with its scales."""
+        return self.op()(*self.args(), **self.scales(), **kwargs)
 
     def clone(self) -> "Case":
         cloned = {name: (value.clone() if isinstance(value, torch.Tensor) else value)
@@ -173,14 +186,24 @@ def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None)
 
     q = norm_and_rope(case.q, case.q_norm_weight)
     k = norm_and_rope(case.k, case.k_norm_weight)
+    k_scale = float(case.k_scale) if case.k_scale is not None else 1.0
+    v_scale = float(case.v_scale) if case.v_scale is not None else 1.0
+
+    def stored(x, scale, dtype):
+        """Section 7: x / scale, saturated for fp8, rounded once to the cache dtype."""
+        x = x / scale
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            x = x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+        return x.to(dtype)
+
     k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     for token, slot in enumerate(case.slots().tolist()):
         if slot >= 0:
-            flat_k[slot] = k[token].to(k_cache.dtype)
-            flat_v[slot] = case.v[token].to(v_cache.dtype)
+            flat_k[slot] = stored(k[token], k_scale, k_cache.dtype)
+            flat_v[slot] = stored(case.v[token].double(), v_scale, v_cache.dtype)
     group = q.shape[1] // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64)
     rows = torch.arange(len(case.seq_lens)).repeat_interleave(
@@ -188,8 +211,8 @@ def fp64_reference(case: Case, eps: float = 1e-6, scale: Optional[float] = None)
     for token, (row, index) in enumerate(zip(rows.tolist(), context)):
         seen = torch.arange(index + 1)
         slots = case.block_table[row, seen // block_size].long() * block_size + seen % block_size
-        keys = flat_k[slots].double().repeat_interleave(group, dim=1)      # [c + 1, Hq, D]
-        values = flat_v[slots].double().repeat_interleave(group, dim=1)
+        keys = flat_k[slots].double().repeat_interleave(group, dim=1) * k_scale      # [c + 1, Hq, D]
+        values = flat_v[slots].double().repeat_interleave(group, dim=1) * v_scale
         weights = torch.softmax(torch.einsum("hd,thd->ht", q[token], keys) * scale, dim=-1)
         out[token] = torch.einsum("ht,thd->hd", weights, values)
     return out, k_cache, v_cache
@@ -219,8 +242,13 @@ def check_against_reference(result_case: Case, result_out: torch.Tensor, origina
         flat_result = getattr(result_case, name).flatten(0, 1)
         flat_expected = expected.flatten(0, 1)
         flat_original = getattr(original, name).flatten(0, 1)
-        # Cache values scale with the norm weights: fp32 gets a relative bound too.
-        cache_tol = TOLERANCES[flat_result.dtype] | ({"rtol": 1e-6} if flat_result.dtype == torch.float32 else {})
+        # Cache values scale with the norm weights: fp32 gets a relative bound too. An fp8 value rounded from fp32
+        # instead of fp64 may land one step away where the two sit either side of a rounding boundary.
+        if flat_result.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            finfo = torch.finfo(flat_result.dtype)
+            cache_tol = dict(atol=finfo.smallest_normal, rtol=finfo.eps)
+        else:
+            cache_tol = TOLERANCES[flat_result.dtype] | ({"rtol": 1e-6} if flat_result.dtype == torch.float32 else {})
         torch.testing.assert_close(flat_result[slots].double(), flat_expected[slots].double(), equal_nan=True,
                                    **cache_tol)
         if slots.numel():

@@ -305,6 +305,17 @@ void attend_items(const AttentionProblem& p, int64_t begin, int64_t end, float* 
     case CacheDtype::kHalf:
       attend_items_of<V, HalfBits>(p, begin, end, scratch);
       break;
+    case CacheDtype::kFloat8E4M3:
+    case CacheDtype::kFloat8E5M2:
+      // fp8 caches: only vectors that can widen them (the host sends those calls to one that can).
+      if constexpr (V::kLoadsFloat8) {
+        if (p.cache_dtype == CacheDtype::kFloat8E4M3) {
+          attend_items_of<V, Float8E4M3Bits>(p, begin, end, scratch);
+        } else {
+          attend_items_of<V, Float8E5M2Bits>(p, begin, end, scratch);
+        }
+      }
+      break;
   }
 }
 

@@ -7,14 +7,21 @@
 
 namespace qwen_fused {
 
-// Cache element types, bit-compatible with float, c10::BFloat16 and c10::Half.
+// Cache element types, bit-compatible with float, c10::BFloat16, c10::Half, c10::Float8_e4m3fn and
+// c10::Float8_e5m2.
 struct BFloat16Bits {
   uint16_t bits;
 };
 struct HalfBits {
   uint16_t bits;
 };
-enum class CacheDtype { kFloat, kBFloat16, kHalf };
+struct Float8E4M3Bits {
+  uint8_t bits;
+};
+struct Float8E5M2Bits {
+  uint8_t bits;
+};
+enum class CacheDtype { kFloat, kBFloat16, kHalf, kFloat8E4M3, kFloat8E5M2 };
 
 // Tokens scored and accumulated together; a multiple of every vector width used.
 constexpr int64_t kTokenTile = 32;

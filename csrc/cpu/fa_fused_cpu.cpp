@@ -8,6 +8,7 @@
 //   3. per (new token, head): exact merge of the chunks' partial (max, sum, out) into the output.
 // The argument checks (../validation.cpp) all run before the first write.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,6 +22,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../validation.h"
@@ -112,7 +114,31 @@ int64_t choose_chunk_len(int64_t batch, int64_t max_len, int64_t forced) {
 }
 
 CacheDtype cache_dtype_of(at::ScalarType t) {
-  return t == at::kFloat ? CacheDtype::kFloat : t == at::kBFloat16 ? CacheDtype::kBFloat16 : CacheDtype::kHalf;
+  switch (t) {
+    case at::kFloat:
+      return CacheDtype::kFloat;
+    case at::kBFloat16:
+      return CacheDtype::kBFloat16;
+    case at::kHalf:
+      return CacheDtype::kHalf;
+    case at::kFloat8_e4m3fn:
+      return CacheDtype::kFloat8E4M3;
+    default:
+      return CacheDtype::kFloat8E5M2;
+  }
+}
+
+bool is_float8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// x (already divided by the layer's scale) in the cache dtype, rounded to nearest even; fp8 saturates to its
+// finite range (overflow never becomes Inf or NaN; a NaN stays NaN).
+template <typename cache_t>
+cache_t to_cache(float x) {
+  if constexpr (std::is_same_v<cache_t, c10::Float8_e4m3fn> || std::is_same_v<cache_t, c10::Float8_e5m2>) {
+    const float max = static_cast<float>(std::numeric_limits<cache_t>::max());
+    x = x < -max ? -max : x > max ? max : x;
+  }
+  return static_cast<cache_t>(x);
 }
 
 // The element at `offset` (in elements, from the strides) of a floating tensor, as fp32: norm weights
@@ -206,8 +232,9 @@ struct QueryLayout {
 // and v rounded to the cache dtype and written to the token's slot.
 template <typename scalar_t, typename cache_t>
 void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeInputs& rope,
-                       const std::vector<int64_t>& slots, const QueryLayout& layout, float scale, float eps,
-                       at::Tensor& k_cache, at::Tensor& v_cache, float* q_out) {
+                       const IndexPlan& plan, const QueryLayout& layout, float scale, float eps, at::Tensor& k_cache,
+                       at::Tensor& v_cache, float* q_out) {
+  const std::vector<int64_t>& slots = plan.slots;
   const int64_t tokens = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
   const scalar_t* q_in = q.const_data_ptr<scalar_t>();
   const scalar_t* k_in = k.const_data_ptr<scalar_t>();
@@ -235,8 +262,8 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(k_in[src_offset + i]);
         norm_and_rope(x.data(), rope.k_weight.data(), c, s, head_dim, eps, rotated.data());
         for (int64_t i = 0; i < head_dim; ++i) {
-          k_slots[dst_offset + i] = static_cast<cache_t>(rotated[i]);
-          v_slots[dst_offset + i] = static_cast<cache_t>(static_cast<float>(v_in[src_offset + i]));
+          k_slots[dst_offset + i] = to_cache<cache_t>(rotated[i] / plan.k_scale);
+          v_slots[dst_offset + i] = to_cache<cache_t>(static_cast<float>(v_in[src_offset + i]) / plan.v_scale);
         }
       }
     }
@@ -246,7 +273,7 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // Pass 3, per (new token, query head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's
 // chunks (those past the token's own context index hold m = -inf, l = 0 and weigh 0).
 template <typename scalar_t>
-void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, at::Tensor& out) {
+void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_scale, at::Tensor& out) {
   const int64_t group = p.group(), head_dim = p.head_dim, tokens = p.query_start[p.batch];
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, kMinParallelValues / (head_dim * p.num_chunks));
@@ -269,7 +296,9 @@ void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, at::Tens
         const float* acc = p.partial_out + partial * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * acc[i];
       }
-      for (int64_t i = 0; i < head_dim; ++i) dst[th * head_dim + i] = static_cast<scalar_t>(merged[i] / denominator);
+      // The V read is stored * v_scale: scale the weighted sum once instead of every V element.
+      const float out_scale = v_scale / denominator;
+      for (int64_t i = 0; i < head_dim; ++i) dst[th * head_dim + i] = static_cast<scalar_t>(merged[i] * out_scale);
     }
   });
 }
@@ -325,17 +354,20 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   problem.partial_sum = problem.partial_max + partials;
   float* thread_scratch = base + scratch_begin;
 
-  const float softmax_scale = scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim));
+  // The K read is stored * k_scale: fold it into q's pre-scale instead of every K element.
+  const float softmax_scale =
+      (scale ? static_cast<float>(*scale) : 1.f / std::sqrt(static_cast<float>(head_dim))) * plan.k_scale;
   const RopeInputs rope =
       gather_rope_inputs(args.q_norm_weight, args.k_norm_weight, args.cos, args.sin, plan.positions, head_dim);
   const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
   // Everything is checked: from here on the caches get written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
     using q_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "fa_fused_write", [&] {
-      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, rope, plan.slots, layout, softmax_scale,
-                                       static_cast<float>(eps), k_cache, v_cache, q_prepared);
-    });
+    AT_DISPATCH_V2(k_cache.scalar_type(), "fa_fused_write", AT_WRAP([&] {
+                     prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, rope, plan, layout, softmax_scale,
+                                                      static_cast<float>(eps), k_cache, v_cache, q_prepared);
+                   }),
+                   at::kFloat, at::kHalf, at::kBFloat16, at::kFloat8_e4m3fn, at::kFloat8_e5m2);
   });
 
   problem.q = q_prepared;
@@ -347,12 +379,15 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
   const int64_t work = plan.total_len * num_kv_heads * head_dim * std::max<int64_t>(1, plan.max_queries);
   const int64_t grain = work < kMinParallelValues * 16 ? items : 1;
+  // The AVX-512 kernel has no fp8 loads: fp8 caches take the AVX2 one (every AVX-512 CPU runs AVX2).
+  const AttendFn attend =
+      is_float8(k_cache.scalar_type()) && switches.attend == attend_avx512 ? attend_avx2 : switches.attend;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    switches.attend(problem, begin, end, thread_scratch + at::get_thread_num() * scratch_stride);
+    attend(problem, begin, end, thread_scratch + at::get_thread_num() * scratch_stride);
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_merge",
-                                  [&] { merge_chunks<scalar_t>(problem, layout, out); });
+                                  [&] { merge_chunks<scalar_t>(problem, layout, plan.v_scale, out); });
   return out;
 }
 
@@ -360,9 +395,10 @@ at::Tensor fa_fused_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& k_norm_weight, const at::Tensor& cos, const at::Tensor& sin,
                         at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table,
                         const at::Tensor& seq_lens, const std::optional<at::Tensor>& positions,
-                        const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale) {
+                        const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale,
+                        const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   return attend_cpu({q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                     positions, slot_mapping},
+                     positions, slot_mapping, nullptr, k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr},
                     k_cache, v_cache, eps, scale);
 }
 
@@ -371,10 +407,12 @@ at::Tensor fa_fused_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                                const at::Tensor& block_table, const at::Tensor& seq_lens,
                                const at::Tensor& query_start_loc, const std::optional<at::Tensor>& positions,
-                               const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale) {
-  return attend_cpu({q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                     positions, slot_mapping, &query_start_loc},
-                    k_cache, v_cache, eps, scale);
+                               const std::optional<at::Tensor>& slot_mapping, double eps, std::optional<double> scale,
+                               const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  return attend_cpu(
+      {q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens, positions,
+       slot_mapping, &query_start_loc, k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr},
+      k_cache, v_cache, eps, scale);
 }
 
 }  // namespace

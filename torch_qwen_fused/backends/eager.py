@@ -12,6 +12,7 @@ __all__ = [
     "rms_norm",
     "rotate_half",
     "apply_rope",
+    "quantize",
     "write_cache",
     "gather_context",
     "paged_attention",
@@ -84,21 +85,35 @@ def default_varlen_slot_mapping(block_table: torch.Tensor, seq_lens: torch.Tenso
     return block_table.long()[rows, index // block_size] * block_size + index % block_size
 
 
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x / scale`` rounded (to nearest even) to a cache dtype; fp8 saturates to its finite range, so an overflow
+    stores the largest value, never Inf or NaN (a NaN stays NaN)."""
+    x = x.float() if scale is None else x.float() / scale
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
+
+
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
+                slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
+                v_scale: Optional[torch.Tensor] = None) -> None:
     """Write k, v [T, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its token."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     rows = slot_mapping >= 0
     slots = slot_mapping[rows]
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[rows].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[rows].to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = quantize(k[rows], k_cache.dtype, k_scale)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = quantize(v[rows], v_cache.dtype, v_scale)
 
 
-def gather_context(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first ``seq_len`` tokens [seq_len, Hkv, D] of one row, from its row of the block table, in fp32."""
+def gather_context(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int,
+                   scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first ``seq_len`` tokens [seq_len, Hkv, D] of one row, from its row of the block table, in fp32 (times
+    the cache's scale)."""
     block_size = cache.shape[1]
     used = blocks[: -(-seq_len // block_size)].long()
-    return cache[used].flatten(0, 1)[:seq_len].float()
+    tokens = cache[used].flatten(0, 1)[:seq_len].float()
+    return tokens if scale is None else tokens * scale
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -112,8 +127,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float, query_start_loc: Optional[torch.Tensor] = None
-                    ) -> torch.Tensor:
+                    seq_lens: torch.Tensor, scale: float, query_start_loc: Optional[torch.Tensor] = None,
+                    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GQA attention of each row's new tokens over its paged context, in fp32.
 
     q: [T, Hq, D]; row b's new tokens are q[query_start_loc[b]:query_start_loc[b + 1]] (default: one per row),
@@ -129,8 +144,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     starts = query_start_loc.tolist()
     for row, seq_len in enumerate(seq_lens.tolist()):
         first, end = starts[row], starts[row + 1]
-        keys = gather_context(k_cache, block_table[row], seq_len)        # [L, Hkv, D]
-        values = gather_context(v_cache, block_table[row], seq_len)
+        keys = gather_context(k_cache, block_table[row], seq_len, k_scale)        # [L, Hkv, D]
+        values = gather_context(v_cache, block_table[row], seq_len, v_scale)
         for token in range(first, end):
             visible = seq_len - (end - first) + (token - first) + 1
             out[token] = attend(q[token], keys[:visible], values[:visible], scale)
@@ -143,11 +158,12 @@ def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_table: torch.Tensor, seq_lens: torch.Tensor,
                    positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
-                   eps: float = 1e-6, scale: Optional[float] = None) -> torch.Tensor:
+                   eps: float = 1e-6, scale: Optional[float] = None, k_scale: Optional[torch.Tensor] = None,
+                   v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode step: qk-norm, RoPE, cache write, paged GQA attention, after the op's checks (the same
     C++ ``qwen::fa_fused_check`` every backend runs: it raises before anything is written)."""
     torch.ops.qwen.fa_fused_check(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
-                                  seq_lens, positions, slot_mapping)
+                                  seq_lens, positions, slot_mapping, k_scale, v_scale)
     if positions is None:
         positions = default_positions(seq_lens)
     if slot_mapping is None:
@@ -157,8 +173,8 @@ def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     positions = positions.long()
     q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
     k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
-    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long())
-    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale)
+    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long(), k_scale, v_scale)
+    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, k_scale=k_scale, v_scale=v_scale)
     return out.to(q.dtype)
 
 
@@ -168,11 +184,13 @@ def fa_fused_varlen_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                           positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
-                          eps: float = 1e-6, scale: Optional[float] = None) -> torch.Tensor:
+                          eps: float = 1e-6, scale: Optional[float] = None, k_scale: Optional[torch.Tensor] = None,
+                          v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Several new tokens per row: qk-norm, RoPE, every token's cache write, then causal paged GQA attention,
     after the op's checks (``qwen::fa_fused_varlen_check``)."""
     torch.ops.qwen.fa_fused_varlen_check(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache,
-                                         block_table, seq_lens, query_start_loc, positions, slot_mapping)
+                                         block_table, seq_lens, query_start_loc, positions, slot_mapping, k_scale,
+                                         v_scale)
     if positions is None:
         positions = context_indices(seq_lens, query_start_loc)
     if slot_mapping is None:
@@ -182,8 +200,8 @@ def fa_fused_varlen_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     positions = positions.long()
     q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
     k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
-    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long())
-    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, query_start_loc)
+    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long(), k_scale, v_scale)
+    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, query_start_loc, k_scale, v_scale)
     return out.to(q.dtype)
 
 

@@ -33,15 +33,18 @@ def _npu_kernel(config):
 
 def fa_fused_npu(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
                  positions: Optional[torch.Tensor] = None, slot_mapping: Optional[torch.Tensor] = None,
-                 eps: float = 1e-6, scale: Optional[float] = None) -> torch.Tensor:
+                 eps: float = 1e-6, scale: Optional[float] = None, k_scale: Optional[torch.Tensor] = None,
+                 v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``qwen::fa_fused`` on an Ascend NPU: validate, then launch the pypto kernel on the current stream."""
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
             positions, slot_mapping)
-    torch.ops.qwen.fa_fused_check(*args)
+    torch.ops.qwen.fa_fused_check(*args, k_scale, v_scale)
+    from .pypto.replay import kernel_config, prepare, refuse_scaled_caches
+
+    refuse_scaled_caches(k_cache, k_scale, v_scale, "the NPU kernel")
     if q.shape[0] == 0:
         return torch.empty_like(q)
     from .pypto import compat
-    from .pypto.replay import kernel_config, prepare
 
     compat.import_pypto()
     kernel_args = prepare(*args)

@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <limits>
+
 #include "../decode_attention.h"
 #include "exp.h"
 
@@ -13,6 +15,7 @@ struct VecAVX2 {
   // Query heads per register-resident slice (two tokens' or two slices' accumulators each).
   static constexpr int kMaxHeads = 6;
   static constexpr int64_t kWidth = 8;
+  static constexpr bool kLoadsFloat8 = true;
   using reg = __m256;
 
   static reg zero() { return _mm256_setzero_ps(); }
@@ -24,6 +27,22 @@ struct VecAVX2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
   }
   static reg load(const HalfBits* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  // fp8 E5M2 is the upper byte of a binary16: widen the bytes to 16 bits, shift them up, convert.
+  static reg load(const Float8E5M2Bits* p) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8));
+  }
+  // fp8 E4M3fn: the magnitude bits shifted into a binary16 read as the value / 256 (vec/generic.h says why);
+  // S.1111.111 is NaN.
+  static reg load(const Float8E4M3Bits* p) {
+    const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i magnitude = _mm_and_si128(bytes, _mm_set1_epi16(0x7f));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8);
+    const __m128i half = _mm_or_si128(_mm_slli_epi16(magnitude, 7), sign);
+    const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.f));
+    const __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x7f)));
+    return _mm256_blendv_ps(value, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), _mm256_castsi256_ps(nan));
+  }
   static void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }

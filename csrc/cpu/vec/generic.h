@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "../decode_attention.h"
 
@@ -30,10 +31,22 @@ inline float half_to_float(uint16_t h) {
   return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
+// OCP fp8 E5M2 is the upper byte of an IEEE binary16.
+inline float float8_e5m2_to_float(uint8_t bits) { return half_to_float(static_cast<uint16_t>(bits << 8)); }
+
+// OCP fp8 E4M3 "fn" (no infinities; S.1111.111 is NaN). Its magnitude bits, shifted into a binary16's exponent
+// and mantissa fields, read as the value times 2^-8 (exponent biases 7 and 15), subnormals included.
+inline float float8_e4m3_to_float(uint8_t bits) {
+  if ((bits & 0x7fu) == 0x7fu) return std::numeric_limits<float>::quiet_NaN();
+  const float magnitude = half_to_float(static_cast<uint16_t>((bits & 0x7fu) << 7)) * 256.f;
+  return (bits & 0x80u) ? -magnitude : magnitude;
+}
+
 struct VecGeneric {
   // Query heads per register-resident slice (two tokens' or two slices' accumulators each).
   static constexpr int kMaxHeads = 6;
   static constexpr int64_t kWidth = 8;
+  static constexpr bool kLoadsFloat8 = true;
   struct reg {
     float lane[kWidth];
   };
@@ -57,6 +70,16 @@ struct VecGeneric {
   static reg load(const HalfBits* p) {
     reg r;
     for (int i = 0; i < kWidth; ++i) r.lane[i] = half_to_float(p[i].bits);
+    return r;
+  }
+  static reg load(const Float8E4M3Bits* p) {
+    reg r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = float8_e4m3_to_float(p[i].bits);
+    return r;
+  }
+  static reg load(const Float8E5M2Bits* p) {
+    reg r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = float8_e5m2_to_float(p[i].bits);
     return r;
   }
   static void store(float* p, reg a) {
