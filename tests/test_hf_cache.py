@@ -47,7 +47,7 @@ def test_paged_cache_allocator_free_and_reuse():
 
 def test_paged_cache_sizing_and_growth():
     cache = PagedKVCache(num_layers=3, num_kv_heads=2, head_dim=16, block_size=8,
-                         max_memory=10 * 2 * 3 * 8 * 2 * 16 * 2, dtype=torch.bfloat16)
+                         max_memory=10 * 2 * 3 * 8 * 2 * 16 * 2, cache_dtype=torch.bfloat16)
     cache.begin_forward(1, 5)
     cache.end_forward()
     assert cache.num_blocks == 10 and cache.layers[2].k_cache.shape == (10, 8, 2, 16)

@@ -687,3 +687,50 @@ def test_several_tokens_with_padding_among_them_match_stock():
     real = step_mask.bool()
     torch.testing.assert_close(fused[real], stock[real], atol=FP32_TOL, rtol=0)
     assert cache.seq_lens.tolist() == (torch.tensor(PROMPTS["padded"]) + step_mask.sum(1)).tolist()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_fp8_cache_decodes_as_the_stock_path_over_the_same_cache(cache_dtype):
+    """With kv_cache_dtype=fp8 the prefill stores quantized K/V (scales calibrated per layer from it) and each
+    decode step is one fa_fused call over them. The stock attention over the same fp8 cache (what
+    output_attentions takes) gives the same tokens, and logits within fp8's rounding of the new tokens' K/V."""
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    with patch_model(model, block_size=4, kv_cache_dtype=cache_dtype) as handle:
+        fused = generate(model, "padded")
+        assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS
+        stock_over_fp8 = generate(model, "padded", output_attentions=True)
+        assert handle.fused_calls == (NEW_TOKENS - 1) * LAYERS          # that run took the stock path
+    assert fused.cache.layers[0].k_cache.dtype == cache_dtype
+    assert torch.equal(fused.sequences, stock_over_fp8.sequences)
+    assert max_logit_diff(fused, stock_over_fp8) <= 2e-2
+    # Against the unquantized stock model: a figure, not a bound (fp8 has 2 or 3 mantissa bits).
+    stock = stock_run(layout, "padded")
+    agreement = (fused.sequences == stock.sequences).float().mean().item()
+    print(f"{cache_dtype}: token agreement with the fp32 stock model {agreement:.2f}, "
+          f"max |logit diff| {max_logit_diff(fused, stock):.3g}")
+
+
+def test_fp8_scales_are_calibrated_from_the_prefill_or_given():
+    layout = HEAD_LAYOUTS[0]
+    model = qwen3_model(layout)
+    stock = stock_run(layout, "padded")
+    _, mask = prompts("padded")
+    real = mask.bool()
+    with patch_model(model, block_size=4, kv_cache_dtype=torch.float8_e4m3fn):
+        calibrated = generate(model, "padded")
+        given = PagedKVCache(model.config, block_size=4, cache_dtype=torch.float8_e4m3fn, k_scales=[0.5, 0.25],
+                             v_scales=[0.125, 1.0])
+        generate(model, "padded", cache=given)
+    # Layer 0's prefill K is stock's (later layers see attention over fp8 values): its absmax maps onto 448.
+    prompt_keys = stock.cache.layers[0].keys[:, :, : real.shape[1]].transpose(1, 2)[real]
+    torch.testing.assert_close(calibrated.cache.layers[0].k_scale, prompt_keys.abs().max().reshape(1) / 448.0,
+                               rtol=1e-6, atol=0)
+    for layer in calibrated.cache.layers:   # every layer: its largest stored K and V are fp8's largest value
+        for pool in (layer.k_cache, layer.v_cache):
+            assert pool.float().abs().max() == 448.0
+    assert [float(layer.k_scale) for layer in given.layers] == [0.5, 0.25]
+    assert [float(layer.v_scale) for layer in given.layers] == [0.125, 1.0]
+    assert calibrated.cache.bytes_per_block() * 4 == PagedKVCache(model.config, block_size=4).bytes_per_block()
+    with pytest.raises(ValueError, match="k_scales must be 2 finite positive floats"):
+        PagedKVCache(model.config, cache_dtype=torch.float8_e4m3fn, k_scales=[1.0])

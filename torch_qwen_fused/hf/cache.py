@@ -31,10 +31,24 @@ from typing import Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..backends.eager import quantize
 from .blocks import BlockAllocator, BlockTable, OutOfBlocksError
 from .step import StepPlan, mask_sees_exactly, real_new_tokens
 
-__all__ = ["PagedKVCache", "PagedLayer"]
+__all__ = ["PagedKVCache", "PagedLayer", "FP8_DTYPES"]
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as uint8 for fp8 tensors (torch's index_copy_ has no fp8 kernel), else ``t``."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
+
+
+def calibrated_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1] fp32: the scale that maps x's absolute maximum onto the fp8 dtype's largest finite value."""
+    absmax = x.detach().abs().max().float().clamp(min=torch.finfo(torch.float32).tiny)
+    return (absmax / torch.finfo(dtype).max).reshape(1)
 
 
 class PagedLayer(CacheLayerMixin):
@@ -58,6 +72,9 @@ class PagedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.k_cache: Optional[torch.Tensor] = None
         self.v_cache: Optional[torch.Tensor] = None
+        # fp8 pools: the layer's scales ([1] fp32; stored = x / scale), given or calibrated at its first write.
+        self.k_scale: Optional[torch.Tensor] = None
+        self.v_scale: Optional[torch.Tensor] = None
         self.is_initialized = False
 
     def __deepcopy__(self, memo):
@@ -72,11 +89,11 @@ class PagedLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> Optional[torch.Tensor]:
-        return None if self.k_cache is None else self._cache().seen_states(self.k_cache)
+        return None if self.k_cache is None else self._cache().seen_states(self.k_cache, self.k_scale)
 
     @property
     def values(self) -> Optional[torch.Tensor]:
-        return None if self.v_cache is None else self._cache().seen_states(self.v_cache)
+        return None if self.v_cache is None else self._cache().seen_states(self.v_cache, self.v_scale)
 
     def __repr__(self):
         shape = None if self.k_cache is None else list(self.k_cache.shape)
@@ -139,8 +156,12 @@ class PagedKVCache(Cache):
         growable [optional]: whether a full pool grows (reallocated, at least doubling) instead of raising
             ``OutOfBlocksError``. Default: only when neither ``num_blocks`` nor ``max_memory`` is given;
             ``num_blocks=N, growable=True`` starts with N blocks.
-        dtype, device [optional]: of the pools; default the dtype and device passed by the first
-            ``begin_forward`` (the patched model passes its own).
+        cache_dtype, device [optional]: of the pools; default the dtype and device passed by the first
+            ``begin_forward`` (the patched model passes its own). ``torch.float8_e4m3fn`` / ``float8_e5m2``: an fp8
+            cache (half bf16's bytes): each layer stores K and V divided by its scales, saturated to the fp8
+            range (``fa_fused``'s ``k_scale`` / ``v_scale``).
+        k_scales, v_scales [optional]: fp8 caches' per-layer scales (a float per layer). Default: calibrated
+            from each layer's first write (a prefill): its absolute maximum over the fp8 range's maximum.
     """
 
     is_compileable = False
@@ -148,7 +169,8 @@ class PagedKVCache(Cache):
     def __init__(self, config=None, *, block_size: int = 128, num_blocks: Optional[int] = None,
                  max_memory: Optional[int] = None, num_layers: Optional[int] = None,
                  num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None, growable: Optional[bool] = None):
+                 cache_dtype: Optional[torch.dtype] = None, device=None, growable: Optional[bool] = None,
+                 k_scales: Optional[Sequence[float]] = None, v_scales: Optional[Sequence[float]] = None):
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_layers = num_layers or text.num_hidden_layers
@@ -167,14 +189,25 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache: max_memory must be a positive number of bytes, got {max_memory!r}")
         if growable and max_memory is not None:
             raise ValueError("PagedKVCache: max_memory is a fixed budget; it cannot be growable")
+        for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if scales is not None and (cache_dtype not in FP8_DTYPES or len(scales) != num_layers
+                                       or not all(0 < float(s) < float("inf") for s in scales)):
+                raise ValueError(f"PagedKVCache: {name} must be {num_layers} finite positive floats (one per layer), "
+                                 f"for an fp8 cache_dtype; got {scales!r} with cache_dtype={cache_dtype}")
         super().__init__(layers=[PagedLayer(self, i) for i in range(num_layers)])
+        for index, layer in enumerate(self.layers):
+            if k_scales is not None:
+                layer.k_scale = torch.tensor([float(k_scales[index])])
+            if v_scales is not None:
+                layer.v_scale = torch.tensor([float(v_scales[index])])
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.block_size = block_size
         self._requested_blocks = num_blocks
         self._max_memory = max_memory
         self._growable = growable if growable is not None else num_blocks is None and max_memory is None
-        self._dtype = dtype
+        self._dtype = cache_dtype
+        self._model_dtype: Optional[torch.dtype] = None   # what gathered (dequantized) states are returned in
         self._device = torch.device(device) if device is not None else None
         self._allocator: Optional[BlockAllocator] = None
         self._table = BlockTable(block_size)
@@ -241,11 +274,11 @@ class PagedKVCache(Cache):
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * len(self.layers) * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
-    def seen_states(self, pool: torch.Tensor) -> torch.Tensor:
+    def seen_states(self, pool: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(batch, num_kv_heads, seen, head_dim): ``pool`` (one layer's ``k_cache`` or ``v_cache``) gathered at
         the committed positions of every row, as a ``DynamicCache`` layer holds them; zeros where no token is
-        stored."""
-        return self._gather(pool, *self._seen_slots())
+        stored. An fp8 pool is dequantized (times its scale) into the model's dtype."""
+        return self._gather(pool, *self._seen_slots(), scale)
 
     # ------------------------------------------------------------------ HF Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -274,17 +307,26 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache.update: key_states must have shape {list(expected)} "
                              f"[batch, num_kv_heads, query_length, head_dim], got {list(key_states.shape)}")
         layer = self.layers[layer_idx]
-        for new, pool in ((key_states, layer.k_cache), (value_states, layer.v_cache)):
+        read = []
+        for new, pool, scale_name in ((key_states, layer.k_cache, "k_scale"), (value_states, layer.v_cache, "v_scale")):
             flat = new.detach().transpose(1, 2).reshape(batch * length, heads, head_dim)
             if plan.real_index is not None:
                 flat = flat.index_select(0, plan.real_index)
-            pool.view(-1, heads, head_dim).index_copy_(0, plan.real_slots, flat.to(pool.dtype))
+            if pool.dtype in FP8_DTYPES and getattr(layer, scale_name) is None:
+                setattr(layer, scale_name, calibrated_scale(flat, pool.dtype))
+            scale = getattr(layer, scale_name)
+            stored = quantize(flat, pool.dtype, scale)
+            as_bytes(pool).view(-1, heads, head_dim).index_copy_(0, plan.real_slots, as_bytes(stored))
+            # An fp8 cache is what attention reads, the new tokens included (as the fused ops read them).
+            read.append(new if pool.dtype not in FP8_DTYPES else
+                        (quantize(new, pool.dtype, scale).float() * scale).to(new.dtype))
+        key_states, value_states = read
         if not plan.has_past:
             return key_states, value_states
         if plan.seen_slots is None:
             plan.seen_slots = self._seen_slots()
-        past_keys = self._gather(layer.k_cache, *plan.seen_slots).to(key_states.dtype)
-        past_values = self._gather(layer.v_cache, *plan.seen_slots).to(value_states.dtype)
+        past_keys = self._gather(layer.k_cache, *plan.seen_slots, layer.k_scale).to(key_states.dtype)
+        past_values = self._gather(layer.v_cache, *plan.seen_slots, layer.v_scale).to(value_states.dtype)
         return torch.cat((past_keys, key_states), dim=2), torch.cat((past_values, value_states), dim=2)
 
     def reset(self) -> None:
@@ -359,8 +401,8 @@ class PagedKVCache(Cache):
             src = torch.tensor(sources, dtype=torch.long, device=device)
             dst = torch.tensor(targets, dtype=torch.long, device=device)
             for layer in self.layers:
-                layer.k_cache.index_copy_(0, dst, layer.k_cache.index_select(0, src))
-                layer.v_cache.index_copy_(0, dst, layer.v_cache.index_select(0, src))
+                for pool in (as_bytes(layer.k_cache), as_bytes(layer.v_cache)):
+                    pool.index_copy_(0, dst, pool.index_select(0, src))
         rows = torch.tensor(index, dtype=torch.long, device=self._seq_lens.device)
         self._seq_lens = self._seq_lens[rows]
         self._stored = self._stored[rows]
@@ -383,6 +425,8 @@ class PagedKVCache(Cache):
         nothing changed. The returned plan is also ``current_plan`` until ``end_forward``.
         """
         self._rollback()
+        if dtype is not None:
+            self._model_dtype = dtype
         device = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
         if self._allocator is not None:
             device = self.layers[0].k_cache.device
@@ -459,9 +503,12 @@ class PagedKVCache(Cache):
         ordinal = (stored.cumsum(dim=1) - 1).clamp_(min=0)            # the row's j-th stored token: logical slot j
         return torch.where(stored, self._table.slots(ordinal), 0), stored
 
-    def _gather(self, pool: torch.Tensor, slots: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    def _gather(self, pool: torch.Tensor, slots: torch.Tensor, stored: torch.Tensor,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seen = slots.shape
         flat = pool.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots.reshape(-1))
+        if pool.dtype in FP8_DTYPES:
+            flat = (flat.float() * scale).to(self._model_dtype or torch.float32)
         states = flat.view(batch, seen, self.num_kv_heads, self.head_dim).masked_fill_(~stored[..., None, None], 0)
         return states.transpose(1, 2)
 
@@ -482,6 +529,8 @@ class PagedKVCache(Cache):
             # Zeros, not empty: attention may read (masked) slots that were never written, and 0 * NaN is NaN.
             layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.k_scale = None if layer.k_scale is None else layer.k_scale.to(device)
+            layer.v_scale = None if layer.v_scale is None else layer.v_scale.to(device)
             layer.is_initialized = True
         self._dtype = dtype
         self._allocator = BlockAllocator(num_blocks)

@@ -57,7 +57,7 @@ def fused_decode(module, hidden_states: torch.Tensor, cache, plan: StepPlan, cos
         query, key, value, module.q_norm.weight, module.k_norm.weight, cos, sin,
         layer.k_cache, layer.v_cache, cache.block_table, plan.seq_lens,
         positions=plan.decode_positions, slot_mapping=plan.decode_slots,
-        eps=module.q_norm.variance_epsilon, scale=module.scaling)
+        eps=module.q_norm.variance_epsilon, scale=module.scaling, k_scale=layer.k_scale, v_scale=layer.v_scale)
     return module.o_proj(out.reshape(batch, 1, -1)), None
 
 
@@ -78,8 +78,8 @@ def fused_several_tokens(module, hidden_states: torch.Tensor, cache, plan: StepP
     out = torch.ops.qwen.fa_fused_varlen(
         query, key, value, module.q_norm.weight, module.k_norm.weight, cos, sin,
         layer.k_cache, layer.v_cache, cache.block_table, plan.seq_lens, plan.query_start_loc,
-        positions=plan.real_positions, slot_mapping=plan.real_slots,
-        eps=module.q_norm.variance_epsilon, scale=module.scaling).reshape(flat.shape[0], -1)
+        positions=plan.real_positions, slot_mapping=plan.real_slots, eps=module.q_norm.variance_epsilon,
+        scale=module.scaling, k_scale=layer.k_scale, v_scale=layer.v_scale).reshape(flat.shape[0], -1)
     if plan.real_index is not None:
         out = out.new_zeros(batch * length, out.shape[1]).index_copy_(0, plan.real_index, out)
     return module.o_proj(out.view(batch, length, -1)), None

@@ -89,13 +89,13 @@ class PatchHandle:
     copy of the handle, with its own weights; ``patch_model(copy)`` returns that handle.
     """
 
-    def __init__(self, model, base, attentions, block_size, num_blocks, max_memory):
+    def __init__(self, model, base, attentions, block_size, num_blocks, max_memory, kv_cache_dtype=None):
         self.model = model
         self.fused_calls = 0
         self.varlen_calls = 0
         self._base = base
         self._attentions = attentions
-        self._configure(block_size, num_blocks, max_memory)
+        self._configure(block_size, num_blocks, max_memory, kv_cache_dtype)
         self._saved = []          # (object, attribute, value in its __dict__ or _MISSING)
         self._hooks = []
         self._last_cache = None
@@ -117,12 +117,17 @@ class PatchHandle:
                 _PATCHED_MODULES[module] = copied
         return copied
 
-    def _configure(self, block_size, num_blocks, max_memory):
+    def _configure(self, block_size, num_blocks, max_memory, kv_cache_dtype):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"patch_model: block_size must be an int >= 1, got {block_size!r}")
         if num_blocks is not None and max_memory is not None:
             raise ValueError("patch_model: give num_blocks or max_memory, not both")
+        cache_dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+        if kv_cache_dtype is not None and kv_cache_dtype not in cache_dtypes:
+            raise ValueError(f"patch_model: kv_cache_dtype must be None (the model's dtype) or one of {cache_dtypes}, "
+                             f"got {kv_cache_dtype!r}")
         self.block_size, self.num_blocks, self.max_memory = block_size, num_blocks, max_memory
+        self.kv_cache_dtype = kv_cache_dtype
 
     @property
     def active(self) -> bool:
@@ -163,7 +168,8 @@ class PatchHandle:
             num_blocks = batch_size * -(-max_length // self.block_size)
         weight = self._weight
         cache = PagedKVCache(self.model.config, block_size=self.block_size, num_blocks=num_blocks,
-                             max_memory=self.max_memory, dtype=weight.dtype, device=weight.device, growable=not fixed)
+                             max_memory=self.max_memory, cache_dtype=self.kv_cache_dtype or weight.dtype,
+                             device=weight.device, growable=not fixed)
         self._last_cache = weakref.ref(cache)
         return cache
 
@@ -261,7 +267,7 @@ class PatchHandle:
         return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
 
 def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
-                max_memory: Optional[int] = None) -> PatchHandle:
+                max_memory: Optional[int] = None, kv_cache_dtype: Optional[torch.dtype] = None) -> PatchHandle:
     """Makes this Qwen3 / Qwen3-MoE model decode through ``torch.ops.qwen.fa_fused`` with a paged KV cache.
 
     Rebinds ``forward`` on the model's own attention modules (not the class: other instances stay stock),
@@ -279,6 +285,9 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
         max_memory [optional]: bytes for the K and V pools of all layers; sets num_blocks. Default (neither):
             each ``generate()`` call gets ``rows * ceil(max_length / block_size)`` blocks, and more if the
             cache is used further (a draft model's cache, a cache passed to a later ``generate()``).
+        kv_cache_dtype [optional]: the pools' dtype; default the model's. ``torch.float8_e4m3fn`` /
+            ``float8_e5m2``: an fp8 cache, half bf16's bytes; each layer's K/V scales are calibrated from its
+            prefill (absolute maximum over the fp8 range) and passed to ``fa_fused`` as ``k_scale`` / ``v_scale``.
 
     Return:
         a ``PatchHandle``: ``handle.remove()`` (or leaving ``with patch_model(model) as handle:``) restores the
@@ -294,7 +303,7 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
                         f"got {type(model).__name__}")
     handle = _HANDLES.get(model)
     if handle is not None and handle.active:
-        handle._configure(block_size, num_blocks, max_memory)
+        handle._configure(block_size, num_blocks, max_memory, kv_cache_dtype)
         return handle
     attention_classes, base_classes = _qwen3_classes()
     attentions = [m for m in model.modules() if isinstance(m, attention_classes)]
@@ -319,7 +328,7 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
                                       f"the model has {module.head_dim}")
         if module.q_norm.variance_epsilon != module.k_norm.variance_epsilon:
             raise NotImplementedError("patch_model: q_norm and k_norm have different eps; fa_fused takes one")
-    handle = PatchHandle(model, bases[0], attentions, block_size, num_blocks, max_memory)
+    handle = PatchHandle(model, bases[0], attentions, block_size, num_blocks, max_memory, kv_cache_dtype)
     if not bases[0].rotary_emb.inv_freq.is_meta:   # a meta model has no values: its tables wait for its first step
         handle._rope.ensure(MIN_ROPE_TABLE)
     handle._apply()
