@@ -45,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="decode steps per timed rep (default 8)")
     parser.add_argument("--reps", type=int, default=3, help="timed reps per method (default 3)")
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["float8_e4m3fn", "float8_e5m2"],
+                        help="the patched run's cache dtype (default: the model's); the scales calibrate per layer")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--prefill", choices=("random", "model"), default="random",
                         help="context: random K/V of the right shape (default), or a real prefill of a random "
@@ -130,7 +132,8 @@ def bench_context(model, preset, context, args, progress):
             values = torch.randn(shape, generator=generator).to(dtype)
             stock_cache.update(keys, values, layer)
         first = torch.randint(1, config.vocab_size, (args.batch, 1), generator=generator)
-    with hf.patch_model(model, block_size=args.block_size) as handle:
+    kv_cache_dtype = getattr(torch, args.kv_cache_dtype) if args.kv_cache_dtype else None
+    with hf.patch_model(model, block_size=args.block_size, kv_cache_dtype=kv_cache_dtype) as handle:
         paged_cache = paged_copy(handle, stock_cache, args.batch, context, context + args.steps + 1)
 
     def run(method):
@@ -141,7 +144,7 @@ def bench_context(model, preset, context, args, progress):
             elapsed, calls = time.perf_counter() - start, 0
             stock_cache.crop(-args.steps)
         else:
-            with hf.patch_model(model, block_size=args.block_size) as handle:
+            with hf.patch_model(model, block_size=args.block_size, kv_cache_dtype=kv_cache_dtype) as handle:
                 tokens, logits = decode(model, paged_cache, first, args.steps)
                 elapsed, calls = time.perf_counter() - start, handle.fused_calls
             paged_cache.crop(-args.steps)
@@ -160,6 +163,10 @@ def bench_context(model, preset, context, args, progress):
                            f"the max |logit| (bound {FP32_RELATIVE_BOUND})")
     agreement = (stock_tokens == patched_tokens).float().mean().item()
 
+    # K/V bytes each holds for the L-token context (the paged pools also hold their blocks' free tail).
+    cache_bytes = {"stock": sum(t.nbytes for layer in stock_cache.layers for t in (layer.keys, layer.values)),
+                   "patched": sum(t.nbytes for layer in paged_cache.layers for t in (layer.k_cache, layer.v_cache))}
+    cache_dtypes = {"stock": str(stock_cache.layers[0].keys.dtype), "patched": str(paged_cache.layers[0].k_cache.dtype)}
     times = {"stock": [], "patched": []}
     for rep in range(args.reps):
         order = ("stock", "patched") if rep % 2 == 0 else ("patched", "stock")
@@ -174,7 +181,8 @@ def bench_context(model, preset, context, args, progress):
                         "max_tokens_per_s": max(tokens_per_s), "step_times_s": [t / args.steps for t in samples],
                         "first_step_max_logit_diff": logit_diff, "fp32_first_step_relative_logit_diff": fp32_diff,
                         "token_agreement": agreement,
-                        "fused_calls_per_step": fused // args.steps})
+                        "fused_calls_per_step": fused // args.steps, "cache_dtype": cache_dtypes[method],
+                        "cache_bytes": cache_bytes[method]})
     return results
 
 
