@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <unordered_map>
@@ -44,6 +45,26 @@ void check_index_tensor(const char* op, const char* name, const at::Tensor& t, i
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
 const at::Tensor* optional_ptr(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+// Every tensor argument in schema order, with its name (nullptr: an optional one not given).
+std::array<NamedTensor, 16> named_arguments(const FaFusedArgs& a) {
+  return {{{"q", &a.q},
+           {"k", &a.k},
+           {"v", &a.v},
+           {"q_norm_weight", &a.q_norm_weight},
+           {"k_norm_weight", &a.k_norm_weight},
+           {"cos", &a.cos},
+           {"sin", &a.sin},
+           {"k_cache", &a.k_cache},
+           {"v_cache", &a.v_cache},
+           {"block_table", &a.block_table},
+           {"seq_lens", &a.seq_lens},
+           {"query_start_loc", a.query_start_loc},
+           {"positions", optional_ptr(a.positions)},
+           {"slot_mapping", optional_ptr(a.slot_mapping)},
+           {"k_scale", a.k_scale},
+           {"v_scale", a.v_scale}}};
+}
 
 // Shapes, dtypes and devices: everything that can be checked without reading values.
 void check_shapes(const FaFusedArgs& a) {
@@ -122,22 +143,7 @@ void check_shapes(const FaFusedArgs& a) {
   }
   if (a.positions) check_index_tensor(op, "positions", *a.positions, tokens);
   if (a.slot_mapping) check_index_tensor(op, "slot_mapping", *a.slot_mapping, tokens);
-  const NamedTensor named[] = {{"k", &a.k},
-                               {"v", &a.v},
-                               {"q_norm_weight", &a.q_norm_weight},
-                               {"k_norm_weight", &a.k_norm_weight},
-                               {"cos", &a.cos},
-                               {"sin", &a.sin},
-                               {"k_cache", &a.k_cache},
-                               {"v_cache", &a.v_cache},
-                               {"block_table", &a.block_table},
-                               {"seq_lens", &a.seq_lens},
-                               {"query_start_loc", a.query_start_loc},
-                               {"positions", optional_ptr(a.positions)},
-                               {"slot_mapping", optional_ptr(a.slot_mapping)},
-                               {"k_scale", a.k_scale},
-                               {"v_scale", a.v_scale}};
-  for (const auto& [name, t] : named) {
+  for (const auto& [name, t] : named_arguments(a)) {
     if (t) {
       TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
                         t->device());
@@ -171,21 +177,8 @@ void check_writes(const FaFusedArgs& a) {
   }
   TORCH_CHECK_VALUE(!spans_overlap(a.k_cache, a.v_cache), op,
                     ": v_cache shares memory with k_cache; both are written in place, so they must not overlap");
-  const NamedTensor inputs[] = {{"q", &a.q},
-                                {"k", &a.k},
-                                {"v", &a.v},
-                                {"q_norm_weight", &a.q_norm_weight},
-                                {"k_norm_weight", &a.k_norm_weight},
-                                {"cos", &a.cos},
-                                {"sin", &a.sin},
-                                {"block_table", &a.block_table},
-                                {"seq_lens", &a.seq_lens},
-                                {"query_start_loc", a.query_start_loc},
-                                {"positions", optional_ptr(a.positions)},
-                                {"slot_mapping", optional_ptr(a.slot_mapping)},
-                                {"k_scale", a.k_scale},
-                                {"v_scale", a.v_scale}};
-  for (const auto& [name, t] : inputs) {
+  for (const auto& [name, t] : named_arguments(a)) {
+    if (t == &a.k_cache || t == &a.v_cache) continue;
     for (const auto& [cache_name, cache] : caches) {
       TORCH_CHECK_VALUE(!t || !spans_overlap(*t, *cache), op, ": ", name, " overlaps ", cache_name,
                         ", which is written in place; pass a copy");
