@@ -79,22 +79,15 @@ def fa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``torch.inference_mode()``). RuntimeError if, with grad mode on, an input requires grad: the op
         is inference-only (its cache writes do bump the caches' version counters).
     """
-    backend = backend or os.environ.get(BACKEND_ENV) or None
-    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-            positions, slot_mapping)
-    if backend is None:
-        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    if backend == "cpu":
-        if q.device.type != "cpu":
-            raise ValueError(f"fa_fused: backend='cpu' needs CPU tensors, got q on {q.device}")
-        return torch.ops.qwen.fa_fused(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    if backend == "eager":
-        return fa_fused_eager(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    if backend == "pypto":
+    def pypto(*args, **kwargs):
         from .backends.pypto.replay import fa_fused_pypto
 
-        return fa_fused_pypto(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    raise ValueError(f"fa_fused: backend must be None or one of {BACKENDS}, got {backend!r}")
+        return fa_fused_pypto(*args, **kwargs)
+
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+            positions, slot_mapping)
+    kernels = {"cpu": torch.ops.qwen.fa_fused, "eager": fa_fused_eager, "pypto": pypto}
+    return _run("fa_fused", kernels, backend, args, dict(eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale))
 
 
 def fa_fused_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -140,21 +133,27 @@ def fa_fused_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         a query_start_loc that does not start at 0, decreases, gives a row more new tokens than its seq_len, or
         does not end at total_tokens. RuntimeError if, with grad mode on, an input requires grad.
     """
-    backend = backend or os.environ.get(BACKEND_ENV) or None
-    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-            query_start_loc, positions, slot_mapping)
-    if backend is None:
-        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    if backend == "cpu":
-        if q.device.type != "cpu":
-            raise ValueError(f"fa_fused_varlen: backend='cpu' needs CPU tensors, got q on {q.device}")
-        return torch.ops.qwen.fa_fused_varlen(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    if backend == "eager":
-        return fa_fused_varlen_eager(*args, eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale)
-    if backend == "pypto":
+    def pypto(*args, **kwargs):
         raise ValueError("fa_fused_varlen: the pypto kernel takes one new token per row (fa_fused); use backend "
                          "None, 'cpu' or 'eager'")
-    raise ValueError(f"fa_fused_varlen: backend must be None or one of {BACKENDS}, got {backend!r}")
+
+    args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+            query_start_loc, positions, slot_mapping)
+    kernels = {"cpu": torch.ops.qwen.fa_fused_varlen, "eager": fa_fused_varlen_eager, "pypto": pypto}
+    return _run("fa_fused_varlen", kernels, backend, args,
+                dict(eps=eps, scale=scale, k_scale=k_scale, v_scale=v_scale))
+
+
+def _run(name: str, kernels: dict, backend: Optional[str], args: tuple, kwargs: dict) -> torch.Tensor:
+    """``backend`` (or TORCH_QWEN_FUSED_BACKEND; None: the op through the dispatcher) on ``args``."""
+    backend = backend or os.environ.get(BACKEND_ENV) or None
+    if backend is None:
+        return kernels["cpu"](*args, **kwargs)
+    if backend not in kernels:
+        raise ValueError(f"{name}: backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu" and args[0].device.type != "cpu":
+        raise ValueError(f"{name}: backend='cpu' needs CPU tensors, got q on {args[0].device}")
+    return kernels[backend](*args, **kwargs)
 
 
 def reload_cpu_switches() -> None:

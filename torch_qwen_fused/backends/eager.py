@@ -152,6 +152,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+def norm_rope_write_attend(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
+                           query_start_loc, positions, slot_mapping, eps, scale, k_scale, v_scale) -> torch.Tensor:
+    """Both ops' math, on checked inputs with positions and slots filled in: qk RMSNorm and RoPE of every new
+    token, every cache write, then paged attention (causal among a row's new tokens), in q's dtype."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    positions = positions.long()
+    q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
+    k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
+    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long(), k_scale, v_scale)
+    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, query_start_loc, k_scale, v_scale)
+    return out.to(q.dtype)
+
+
 def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor,
@@ -168,14 +182,8 @@ def fa_fused_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         positions = default_positions(seq_lens)
     if slot_mapping is None:
         slot_mapping = default_slot_mapping(block_table, seq_lens, k_cache.shape[1])
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    positions = positions.long()
-    q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
-    k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
-    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long(), k_scale, v_scale)
-    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, k_scale=k_scale, v_scale=v_scale)
-    return out.to(q.dtype)
+    return norm_rope_write_attend(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
+                                  seq_lens, None, positions, slot_mapping, eps, scale, k_scale, v_scale)
 
 
 def fa_fused_varlen_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -195,14 +203,8 @@ def fa_fused_varlen_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         positions = context_indices(seq_lens, query_start_loc)
     if slot_mapping is None:
         slot_mapping = default_varlen_slot_mapping(block_table, seq_lens, query_start_loc, k_cache.shape[1])
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    positions = positions.long()
-    q_roped = apply_rope(rms_norm(q, q_norm_weight, eps), cos, sin, positions)
-    k_roped = apply_rope(rms_norm(k, k_norm_weight, eps), cos, sin, positions)
-    write_cache(k_cache, v_cache, k_roped, v, slot_mapping.long(), k_scale, v_scale)
-    out = paged_attention(q_roped, k_cache, v_cache, block_table, seq_lens, scale, query_start_loc, k_scale, v_scale)
-    return out.to(q.dtype)
+    return norm_rope_write_attend(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table,
+                                  seq_lens, query_start_loc, positions, slot_mapping, eps, scale, k_scale, v_scale)
 
 
 torch.library.impl("qwen::fa_fused", _REGISTRATION_KEY)(fa_fused_eager)
