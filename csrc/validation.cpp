@@ -330,17 +330,11 @@ IndexPlan validate(const FaFusedArgs& a) {
 
 namespace {
 
+// As the Autograd kernel (inference_only.cpp) checks every tensor argument of the op.
 void check_no_grad_of(const FaFusedArgs& a) {
-  const NamedTensor differentiable[] = {{"q", &a.q},
-                                        {"k", &a.k},
-                                        {"v", &a.v},
-                                        {"q_norm_weight", &a.q_norm_weight},
-                                        {"k_norm_weight", &a.k_norm_weight},
-                                        {"cos", &a.cos},
-                                        {"sin", &a.sin},
-                                        {"k_cache", &a.k_cache},
-                                        {"v_cache", &a.v_cache}};
-  for (const auto& [name, t] : differentiable) check_no_grad(a.op(), name, *t);
+  for (const auto& [name, t] : named_arguments(a)) {
+    if (t) check_no_grad(a.op(), name, *t);
+  }
 }
 
 // qwen::fa_fused_check and qwen::fa_fused_varlen_check: validate() for the backends written in Python, on any

@@ -82,6 +82,7 @@ int64_t forced_chunk_tokens() {
 // change a switch); a bad switch raises at every call until it is fixed and reloaded.
 struct CpuSwitches {
   AttendFn attend;
+  AttendFn attend_float8;       // for fp8 caches: the AVX-512 kernel has no fp8 loads, AVX2's stands in for it
   int64_t forced_chunk_tokens;  // 0: choose per call
 };
 
@@ -90,7 +91,10 @@ std::optional<CpuSwitches> cached_switches;
 
 CpuSwitches cpu_switches() {
   std::lock_guard<std::mutex> lock(switches_mutex);
-  if (!cached_switches) cached_switches = CpuSwitches{select_attention_kernel(), forced_chunk_tokens()};
+  if (!cached_switches) {
+    const AttendFn attend = select_attention_kernel();
+    cached_switches = CpuSwitches{attend, attend == attend_avx512 ? attend_avx2 : attend, forced_chunk_tokens()};
+  }
   return *cached_switches;
 }
 
@@ -379,9 +383,7 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
   const int64_t work = plan.total_len * num_kv_heads * head_dim * std::max<int64_t>(1, plan.max_queries);
   const int64_t grain = work < kMinParallelValues * 16 ? items : 1;
-  // The AVX-512 kernel has no fp8 loads: fp8 caches take the AVX2 one (every AVX-512 CPU runs AVX2).
-  const AttendFn attend =
-      is_float8(k_cache.scalar_type()) && switches.attend == attend_avx512 ? attend_avx2 : switches.attend;
+  const AttendFn attend = is_float8(k_cache.scalar_type()) ? switches.attend_float8 : switches.attend;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     attend(problem, begin, end, thread_scratch + at::get_thread_num() * scratch_stride);
   });
