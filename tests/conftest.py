@@ -3,7 +3,7 @@
 import pytest
 
 import torch_qwen_fused
-from torch_qwen_fused.testing import Case
+from torch_qwen_fused.testing import Case, check_against_reference
 
 SWITCHES = ("TORCH_QWEN_FUSED_CPU_ISA", "TORCH_QWEN_FUSED_KV_CHUNK", "TORCH_QWEN_FUSED_BACKEND")
 
@@ -14,6 +14,18 @@ def run_backend(case: Case, backend: str, **kwargs):
     api = torch_qwen_fused.fa_fused_varlen if case.varlen else torch_qwen_fused.fa_fused
     out = api(*working.args(), backend=backend, **working.scales(), **kwargs)
     return working, out
+
+
+def check_backends(case: Case, backends=("cpu", "eager"), **kwargs):
+    """Runs ``case`` through each backend and checks output and caches against the fp64 reference (errors
+    recorded for the summary); returns the first backend's output."""
+    outputs = []
+    for backend in backends:
+        result_case, out = run_backend(case, backend, **kwargs)
+        label = f"{backend} varlen" if case.varlen else backend
+        record_errors(label, case, check_against_reference(result_case, out, case, **kwargs))
+        outputs.append(out)
+    return outputs[0]
 
 
 class Switches:

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_qwen_fused
-from conftest import record_errors, run_backend
+from conftest import check_backends, record_errors, run_backend
 from torch_qwen_fused.testing import TOLERANCES, check_against_reference, cpu_supports, make_case
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -23,17 +23,6 @@ HEAD_DIMS = [64, 128]
 def ragged_lens(block_size):
     """1, a full block, one past it, and more than 4 blocks."""
     return [1, block_size, block_size + 1, 4 * block_size + 3]
-
-
-def check_backends(case, backends=("cpu", "eager"), **kwargs):
-    """Runs ``case`` through each backend and checks output and caches against the fp64 reference;
-    returns the first backend's output."""
-    outputs = []
-    for backend in backends:
-        result_case, out = run_backend(case, backend, **kwargs)
-        record_errors(backend, case, check_against_reference(result_case, out, case, **kwargs))
-        outputs.append(out)
-    return outputs[0]
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_qwen_fused
-from conftest import record_errors, run_backend
+from conftest import check_backends, run_backend
 from torch_qwen_fused.testing import ISAS, assert_same_bytes, check_against_reference, cpu_supports, make_case
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -22,12 +22,6 @@ def fp8_case(cache_dtype, dtype=torch.float32, scales=(0.05, 0.03), seq_lens=(40
     if scales is not None:
         case.k_scale, case.v_scale = torch.tensor([scales[0]]), torch.tensor([scales[1]])
     return case
-
-
-def check_backends(case, backends=("cpu", "eager")):
-    for backend in backends:
-        result_case, out = run_backend(case, backend)
-        record_errors(backend, case, check_against_reference(result_case, out, case))
 
 
 @pytest.mark.parametrize("scales", [None, (0.05, 0.03)], ids=["no-scales", "scales"])

@@ -11,19 +11,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torch_qwen_fused
-from conftest import record_errors, run_backend
+from conftest import check_backends, run_backend
 from torch_qwen_fused.testing import ISAS, assert_same_bytes, check_against_reference, cpu_supports, make_case
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def check_backends(case, backends=("cpu", "eager"), **kwargs):
-    outputs = []
-    for backend in backends:
-        result_case, out = run_backend(case, backend, **kwargs)
-        record_errors(f"{backend} varlen", case, check_against_reference(result_case, out, case, **kwargs))
-        outputs.append(out)
-    return outputs[0]
 
 
 # (seq_lens, new tokens per row): verification of 1..16 drafts, rows of one token, a row that is all new

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .backends.eager import default_slot_mapping, default_varlen_slot_mapping
+from .backends.eager import context_indices, default_slot_mapping, default_varlen_slot_mapping
 from .rope import rope_cos_sin
 
 __all__ = ["Case", "make_case", "fp64_reference", "check_against_reference", "assert_same_bytes", "TOLERANCES",
@@ -90,12 +90,8 @@ class Case:
 
     def context_indices(self) -> list:
         """Per new token, its context index: seq_lens[b] - n_b + i for row b's i-th of n_b new tokens."""
-        starts = self.query_start_loc.tolist() if self.varlen else list(range(len(self.seq_lens) + 1))
-        indices = []
-        for row, seq_len in enumerate(self.seq_lens.tolist()):
-            count = starts[row + 1] - starts[row]
-            indices += [seq_len - count + i for i in range(count)]
-        return indices
+        starts = self.query_start_loc if self.varlen else torch.arange(len(self.seq_lens) + 1)
+        return context_indices(self.seq_lens, starts).tolist()
 
 
 def make_case(seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,

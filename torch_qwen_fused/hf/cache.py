@@ -309,17 +309,18 @@ class PagedKVCache(Cache):
         layer = self.layers[layer_idx]
         read = []
         for new, pool, scale_name in ((key_states, layer.k_cache, "k_scale"), (value_states, layer.v_cache, "v_scale")):
-            flat = new.detach().transpose(1, 2).reshape(batch * length, heads, head_dim)
-            if plan.real_index is not None:
-                flat = flat.index_select(0, plan.real_index)
+            def real_tokens(states):
+                flat = states.transpose(1, 2).reshape(batch * length, heads, head_dim)
+                return flat if plan.real_index is None else flat.index_select(0, plan.real_index)
+
             if pool.dtype in FP8_DTYPES and getattr(layer, scale_name) is None:
-                setattr(layer, scale_name, calibrated_scale(flat, pool.dtype))
+                setattr(layer, scale_name, calibrated_scale(real_tokens(new), pool.dtype))
             scale = getattr(layer, scale_name)
-            stored = quantize(flat, pool.dtype, scale)
-            as_bytes(pool).view(-1, heads, head_dim).index_copy_(0, plan.real_slots, as_bytes(stored))
+            stored = quantize(new, pool.dtype, scale)
+            as_bytes(pool).view(-1, heads, head_dim).index_copy_(0, plan.real_slots,
+                                                                 as_bytes(real_tokens(stored.detach())))
             # An fp8 cache is what attention reads, the new tokens included (as the fused ops read them).
-            read.append(new if pool.dtype not in FP8_DTYPES else
-                        (quantize(new, pool.dtype, scale).float() * scale).to(new.dtype))
+            read.append(new if pool.dtype not in FP8_DTYPES else (stored.float() * scale).to(new.dtype))
         key_states, value_states = read
         if not plan.has_past:
             return key_states, value_states
