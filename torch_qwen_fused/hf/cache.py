@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..backends.eager import quantize
 from .blocks import BlockAllocator, BlockTable, OutOfBlocksError
 from .step import StepPlan, mask_sees_exactly, real_new_tokens
+from .tensor_parallel import tensor_parallel_size
 
 __all__ = ["PagedKVCache", "PagedLayer", "FP8_DTYPES"]
 
@@ -49,6 +50,16 @@ def calibrated_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[1] fp32: the scale that maps x's absolute maximum onto the fp8 dtype's largest finite value."""
     absmax = x.detach().abs().max().float().clamp(min=torch.finfo(torch.float32).tiny)
     return (absmax / torch.finfo(dtype).max).reshape(1)
+
+
+def local_kv_heads(config, num_kv_heads: int) -> int:
+    """The kv heads a rank caches: all of them, or its shard under HF tensor parallelism (``config`` of a model
+    loaded with a ``DistributedConfig``/``tp_plan``: its heads split evenly over the ranks)."""
+    ranks = tensor_parallel_size(config)
+    if num_kv_heads % ranks:
+        raise ValueError(f"PagedKVCache: num_key_value_heads ({num_kv_heads}) is not divisible by the model's "
+                         f"tensor-parallel size ({ranks}): its ranks do not hold whole kv heads")
+    return num_kv_heads // ranks
 
 
 class PagedLayer(CacheLayerMixin):
@@ -146,7 +157,8 @@ class PagedKVCache(Cache):
 
     Arguments:
         config [optional]: the model config (``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``
-            are read from it); or give ``num_layers``, ``num_kv_heads``, ``head_dim``.
+            are read from it); or give ``num_layers``, ``num_kv_heads``, ``head_dim``. The config of a model
+            loaded under HF tensor parallelism (``DistributedConfig``) gives this rank's share of the kv heads.
         block_size: tokens per block, >= 1. Default 128.
         num_blocks [optional]: fixed size of the pool. A step that needs more raises ``OutOfBlocksError``
             before anything is written.
@@ -174,7 +186,7 @@ class PagedKVCache(Cache):
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_layers = num_layers or text.num_hidden_layers
-            num_kv_heads = num_kv_heads or text.num_key_value_heads
+            num_kv_heads = num_kv_heads or local_kv_heads(config, text.num_key_value_heads)
             head_dim = head_dim or getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or value < 1:

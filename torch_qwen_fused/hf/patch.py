@@ -28,6 +28,7 @@ from .. import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
 from .cache import PagedKVCache
 from .decode import can_fuse, can_fuse_several, fused_decode, fused_several_tokens
 from .rope import MIN_ROPE_TABLE, ModelRope
+from .tensor_parallel import local_head_counts
 
 __all__ = ["patch_model", "PatchHandle"]
 
@@ -83,14 +84,18 @@ class PatchHandle:
             after the first).
         block_size, num_blocks, max_memory: how the caches that ``generate()`` builds are sized (see
             ``new_cache``).
+        num_kv_heads: the kv heads of each layer on this rank (all of them, but for HF tensor parallelism: the
+            rank's shard), what its caches hold.
         last_cache: the last ``PagedKVCache`` the patched ``generate()`` built (held weakly), or None.
 
     A deep copy of a patched model (``copy.deepcopy``, TRL's ``create_reference_model``) is patched by its own
     copy of the handle, with its own weights; ``patch_model(copy)`` returns that handle.
     """
 
-    def __init__(self, model, base, attentions, block_size, num_blocks, max_memory, kv_cache_dtype=None):
+    def __init__(self, model, base, attentions, num_kv_heads, block_size, num_blocks, max_memory,
+                 kv_cache_dtype=None):
         self.model = model
+        self.num_kv_heads = num_kv_heads
         self.fused_calls = 0
         self.varlen_calls = 0
         self._base = base
@@ -168,7 +173,8 @@ class PatchHandle:
             num_blocks = batch_size * -(-max_length // self.block_size)
         weight = self._weight
         cache = PagedKVCache(self.model.config, block_size=self.block_size, num_blocks=num_blocks,
-                             max_memory=self.max_memory, cache_dtype=self.kv_cache_dtype or weight.dtype,
+                             max_memory=self.max_memory, num_kv_heads=self.num_kv_heads,
+                             cache_dtype=self.kv_cache_dtype or weight.dtype,
                              device=weight.device, growable=not fixed)
         self._last_cache = weakref.ref(cache)
         return cache
@@ -232,6 +238,11 @@ class PatchHandle:
             cache = given.get("kwargs", {}).get("past_key_values")   # the deprecated name
         if not isinstance(cache, PagedKVCache):
             return None
+        if cache.num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"{type(module).__name__}: the PagedKVCache holds {cache.num_kv_heads} kv heads per "
+                             f"layer, this model's attention has {self.num_kv_heads} (on this rank, under tensor "
+                             f"parallelism); build it with the patch handle's new_cache() or PagedKVCache(config, "
+                             f"num_kv_heads={self.num_kv_heads})")
         tokens = given.get("input_ids")
         tokens = tokens if tokens is not None else given.get("inputs_embeds")
         weight = self._weight
@@ -328,7 +339,12 @@ def patch_model(model, block_size: int = 128, num_blocks: Optional[int] = None,
                                       f"the model has {module.head_dim}")
         if module.q_norm.variance_epsilon != module.k_norm.variance_epsilon:
             raise NotImplementedError("patch_model: q_norm and k_norm have different eps; fa_fused takes one")
-    handle = PatchHandle(model, bases[0], attentions, block_size, num_blocks, max_memory, kv_cache_dtype)
+    kv_heads = {local_head_counts(module)[1] for module in attentions}
+    if len(kv_heads) != 1:
+        raise NotImplementedError(f"patch_model: the layers have different kv head counts {sorted(kv_heads)}; "
+                                  "a PagedKVCache holds one")
+    handle = PatchHandle(model, bases[0], attentions, kv_heads.pop(), block_size, num_blocks, max_memory,
+                         kv_cache_dtype)
     if not bases[0].rotary_emb.inv_freq.is_meta:   # a meta model has no values: its tables wait for its first step
         handle._rope.ensure(MIN_ROPE_TABLE)
     handle._apply()
