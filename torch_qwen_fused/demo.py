@@ -2,18 +2,28 @@
 
     python -m torch_qwen_fused.demo                      # Qwen3-0.6B shape, random weights
     python -m torch_qwen_fused.demo --preset 14b --layers 2   # the Qwen3-14B attention (40/8/128)
+    torchrun --nproc-per-node 2 -m torch_qwen_fused.demo --tp # HF tensor parallelism over 2 ranks
 
 Builds a seeded random-weight model from a Qwen3 config (no download), generates greedily from one left-padded
 batch of prompts of different lengths with stock HF (``attn_implementation="sdpa"``, ``DynamicCache``), then
 with ``patch_model(model)`` (``PagedKVCache``; every decode step of every layer one ``fa_fused`` call), and
 prints the token agreement, decode tokens/s of both runs and the number of fused calls.
+
+With ``--tp`` (under ``torchrun``; gloo on CPUs) rank 0 builds the model and saves it with ``save_pretrained``,
+every rank loads it with HF's tensor parallelism (``DistributedConfig(tp_plan="auto")``: each rank holds its
+slice of the heads and of the MLP, HF all-reduces) and runs both generations; each rank's paged cache holds its
+own kv heads. Rank 0 prints; the fused calls and kv heads are reported per rank.
 """
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
 PRESETS = {
     # Qwen3-0.6B: hidden 1024, 16 q / 8 kv heads of 128, 28 layers, tied embeddings.
@@ -30,8 +40,13 @@ DEMO_CUTS = {"0.6b": dict(vocab_size=32768), "14b": dict(num_hidden_layers=2, vo
 RUN_DEFAULTS = {"0.6b": dict(prompt_len=112, new_tokens=24), "14b": dict(prompt_len=48, new_tokens=16)}
 
 
+def is_first_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def log(message: str) -> None:
-    print(message, flush=True)
+    if is_first_rank():
+        print(message, flush=True)
 
 
 class StepClock:
@@ -42,10 +57,11 @@ class StepClock:
 
     def __call__(self, input_ids, scores, **kwargs):
         self.stamps.append(time.perf_counter())
-        sys.stdout.write(f"\r  {self.label}: token {len(self.stamps)}/{self.total}")
-        if len(self.stamps) == self.total:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+        if is_first_rank():
+            sys.stdout.write(f"\r  {self.label}: token {len(self.stamps)}/{self.total}")
+            if len(self.stamps) == self.total:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def decode_tokens_per_s(self, batch: int) -> float:
@@ -66,12 +82,16 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--repeat", type=int, default=1, help="timed stock/patched pairs (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", action="store_true", help="HF tensor parallelism over the ranks of torchrun: "
+                                                          "torchrun --nproc-per-node 2 -m torch_qwen_fused.demo --tp")
     args = parser.parse_args(argv)
     for name, value in RUN_DEFAULTS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.new_tokens < 2 or args.prompt_len < 1 or args.batch < 1 or args.repeat < 1:
         parser.error("--new-tokens must be >= 2, --prompt-len, --batch and --repeat >= 1")
+    if args.tp and "WORLD_SIZE" not in os.environ:
+        parser.error("--tp runs under torchrun: torchrun --nproc-per-node 2 -m torch_qwen_fused.demo --tp")
     return args
 
 
@@ -117,11 +137,50 @@ def build_model(args):
         log(f"       cut for the demo's time budget: {', '.join(cuts)}")
     start = time.perf_counter()
     model = random_model(Qwen3ForCausalLM, config, args.seed, getattr(torch, args.dtype)).eval()
-    model.generation_config.eos_token_id = None    # random weights: generate exactly --new-tokens tokens
-    model.generation_config.pad_token_id = 0
     params = sum(p.numel() for p in model.parameters())
     log(f"       {params / 1e6:.0f}M parameters, built in {time.perf_counter() - start:.1f} s")
+    return fixed_length(model)
+
+
+def fixed_length(model):
+    """Random weights: no EOS, so that each run generates exactly --new-tokens tokens."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
     return model
+
+
+def tensor_parallel_model(args):
+    """The demo model on every rank, loaded by HF's tensor parallelism from rank 0's ``save_pretrained``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    folder = [tempfile.mkdtemp(prefix="torch_qwen_fused_demo_") if is_first_rank() else None]
+    dist.broadcast_object_list(folder)
+    try:
+        if is_first_rank():
+            build_model(args).save_pretrained(folder[0])
+            log(f"       saved to {folder[0]}")
+        dist.barrier()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder[0], dtype=getattr(torch, args.dtype),
+                                                     attn_implementation="sdpa",
+                                                     distributed_config=DistributedConfig(tp_plan="auto"))
+        dist.barrier()
+    finally:
+        if is_first_rank():
+            shutil.rmtree(folder[0], ignore_errors=True)
+    log(f"tensor parallel: {dist.get_world_size()} ranks ({dist.get_backend()}), tp_plan='auto', loaded in "
+        f"{time.perf_counter() - start:.1f} s")
+    return fixed_length(model.eval())
+
+
+def per_rank(value) -> list:
+    """``value`` of every rank (only this rank's without torch.distributed)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def make_prompts(args, vocab_size):
@@ -147,6 +206,8 @@ def run(model, ids, mask, new_tokens, label):
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    if args.tp:
+        dist.init_process_group("gloo")
     import transformers
 
     import torch_qwen_fused
@@ -154,7 +215,7 @@ def main(argv=None) -> int:
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"torch_qwen_fused from {torch_qwen_fused.__file__}")
-    model = build_model(args)
+    model = tensor_parallel_model(args) if args.tp else build_model(args)
     ids, mask, lengths = make_prompts(args, model.config.vocab_size)
     log(f"prompts: batch {args.batch}, real lengths {lengths} (left-padded to {args.prompt_len}), "
         f"{args.new_tokens} new tokens each, greedy")
@@ -190,6 +251,10 @@ def main(argv=None) -> int:
     decode_steps = args.new_tokens - 1
     layers = model.config.num_hidden_layers
     used_blocks = sum(len(blocks) for blocks in cache.row_blocks)
+    ranks_calls = per_rank(fused_calls)                            # one list of repeats per rank
+    ranks_kv_heads = per_rank(cache.num_kv_heads)
+    ranks_agree = per_rank(bool(agree.all()))
+    threads = f"{torch.get_num_threads()} threads" + (f" per rank x {len(ranks_calls)} ranks" if args.tp else "")
 
     log("")
     log("== results")
@@ -201,15 +266,20 @@ def main(argv=None) -> int:
     best = " (best of each)" if args.repeat > 1 else ""
     log(f"decode tokens/s     : stock {stock_tps:.2f}, patched {fused_tps:.2f}{best} "
         f"(x{fused_tps / stock_tps:.2f}; batch {args.batch} x {decode_steps} decode steps; "
-        f"{torch.get_num_threads()} threads, shared machine: a few % is noise)")
+        f"{threads}, shared machine: a few % is noise)")
     log(f"prefill seconds     : stock {stock_prefill:.2f}, patched {fused_prefill:.2f} (same stock attention math)")
     expected = decode_steps * layers
-    log(f"fused calls         : {handle.fused_calls} torch.ops.qwen.fa_fused calls = {decode_steps} decode steps x "
-        f"{layers} layers" + ("" if set(fused_calls) == {expected} else f" (MISMATCH: {fused_calls})"))
+    all_fused = all(set(calls) == {expected} for calls in ranks_calls)
+    per_rank_calls = f" on each of {len(ranks_calls)} ranks" if args.tp else ""
+    log(f"fused calls         : {handle.fused_calls} torch.ops.qwen.fa_fused calls{per_rank_calls} = {decode_steps} "
+        f"decode steps x {layers} layers" + ("" if all_fused else f" (MISMATCH: {ranks_calls})"))
+    if args.tp:
+        log(f"tensor parallel     : kv heads cached per rank {ranks_kv_heads} of {model.config.num_key_value_heads}; "
+            f"tokens identical to stock on every rank: {all(ranks_agree)}")
     log(f"paged cache         : block_size {cache.block_size}, {used_blocks}/{cache.num_blocks} blocks used, "
         f"real tokens per row {cache.seq_lens.tolist()} (padding not stored)")
     log(f"total time          : {time.perf_counter() - started:.1f} s")
-    return 0 if set(fused_calls) == {expected} and bool(agree.all()) else 1
+    return 0 if all_fused and all(ranks_agree) else 1
 
 
 if __name__ == "__main__":
