@@ -23,8 +23,10 @@ struct Float8E5M2Bits {
 };
 enum class CacheDtype { kFloat, kBFloat16, kHalf, kFloat8E4M3, kFloat8E5M2 };
 
-// Tokens scored and accumulated together; a multiple of every vector width used.
-constexpr int64_t kTokenTile = 32;
+// Tokens scored and accumulated together; a multiple of every vector width used. 16, not 32: the V rows of
+// one kv head over a tile are re-read once per pair of head_dim slices, and rows one token apart map to
+// the same L1 sets every 4 KB; 16 of them still fit the 8 ways (measured: ~10-15% faster than 32 on AVX2).
+constexpr int64_t kTokenTile = 16;
 
 // One call's attention, split into work items over a flat (row, KV chunk) index; each item runs every kv head
 // of its row over its chunk, for all of the row's new tokens and query heads at once (each K/V row is read once

@@ -63,7 +63,7 @@ struct VecAVX2 {
     return _mm_cvtss_f32(s);
   }
   // out[i] = sum of the lanes of a[i], i < n: eight at a time by a horizontal-add tree.
-  static void reduce_add_many(const reg* a, int n, float* out) {
+  __attribute__((always_inline)) static void reduce_add_many(const reg* a, int n, float* out) {
     int i = 0;
     for (; i + 8 <= n; i += 8) {
       const __m256 ab = _mm256_hadd_ps(a[i], a[i + 1]), cd = _mm256_hadd_ps(a[i + 2], a[i + 3]);

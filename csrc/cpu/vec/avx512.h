@@ -43,7 +43,7 @@ struct VecAVX512 {
   }
   static reg exp(reg a) { return exp_cephes<VecAVX512>(a); }
   static float reduce_add(reg a) { return _mm512_reduce_add_ps(a); }
-  static void reduce_add_many(const reg* a, int n, float* out) {
+  __attribute__((always_inline)) static void reduce_add_many(const reg* a, int n, float* out) {
     for (int i = 0; i < n; ++i) out[i] = reduce_add(a[i]);
   }
   static float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
