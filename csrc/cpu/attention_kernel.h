@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "decode_attention.h"
 
@@ -27,6 +28,16 @@ constexpr int64_t kCacheLine = 64;
 // the caller has one (attend_item is instantiated for the common head dims) and unroll over it.
 #define QWEN_INLINE inline __attribute__((always_inline))
 
+// Whether V reads T in pairs of vectors (even and odd elements; q and the outputs in paired order, kPairGroup).
+template <class V, class T>
+constexpr bool reads_pairs() {
+  if constexpr (std::is_same_v<T, BFloat16Bits>) {
+    static_assert(!V::kPairsBFloat16 || 2 * V::kWidth == kPairGroup, "paired order is for 8-lane vectors");
+    return V::kPairsBFloat16;
+  }
+  return false;
+}
+
 // scores[g * kTokenTile + j] = q_g . k_j for NG consecutive query heads and TOKENS consecutive
 // tokens: each q slice loaded serves every token, each k slice every head.
 template <class V, class T, int NG, int TOKENS>
@@ -34,12 +45,26 @@ QWEN_INLINE void score_heads(const float* q, int64_t head_dim, const T* const* k
   typename V::reg acc[TOKENS][NG];
   for (int t = 0; t < TOKENS; ++t)
     for (int g = 0; g < NG; ++g) acc[t][g] = V::zero();
-  for (int64_t d = 0; d < head_dim; d += V::kWidth) {
-    typename V::reg k[TOKENS];
-    for (int t = 0; t < TOKENS; ++t) k[t] = V::load(k_rows[t] + d);
-    for (int g = 0; g < NG; ++g) {
-      const auto q_slice = V::load(q + g * head_dim + d);
-      for (int t = 0; t < TOKENS; ++t) acc[t][g] = V::fmadd(q_slice, k[t], acc[t][g]);
+  if constexpr (reads_pairs<V, T>()) {
+    // head_dim is a multiple of 16 (validated): whole pairs only.
+    for (int64_t d = 0; d < head_dim; d += 2 * V::kWidth) {
+      typename V::reg k[TOKENS][2];
+      for (int t = 0; t < TOKENS; ++t) V::load_pair(k_rows[t] + d, k[t][0], k[t][1]);
+      for (int g = 0; g < NG; ++g) {
+        for (int half = 0; half < 2; ++half) {
+          const auto q_slice = V::load(q + g * head_dim + d + half * V::kWidth);
+          for (int t = 0; t < TOKENS; ++t) acc[t][g] = V::fmadd(q_slice, k[t][half], acc[t][g]);
+        }
+      }
+    }
+  } else {
+    for (int64_t d = 0; d < head_dim; d += V::kWidth) {
+      typename V::reg k[TOKENS];
+      for (int t = 0; t < TOKENS; ++t) k[t] = V::load(k_rows[t] + d);
+      for (int g = 0; g < NG; ++g) {
+        const auto q_slice = V::load(q + g * head_dim + d);
+        for (int t = 0; t < TOKENS; ++t) acc[t][g] = V::fmadd(q_slice, k[t], acc[t][g]);
+      }
     }
   }
   float sums[TOKENS * NG];
@@ -59,7 +84,11 @@ QWEN_INLINE void accumulate_slices(float* acc, int64_t head_dim, int64_t d, cons
 #pragma GCC unroll 2
   for (int64_t j = 0; j < num_tokens; ++j) {
     typename V::reg v[SLICES];
-    for (int s = 0; s < SLICES; ++s) v[s] = V::load(v_rows[j] + d + s * V::kWidth);
+    if constexpr (reads_pairs<V, T>() && SLICES == 2) {
+      V::load_pair(v_rows[j] + d, v[0], v[1]);
+    } else {
+      for (int s = 0; s < SLICES; ++s) v[s] = V::load(v_rows[j] + d + s * V::kWidth);
+    }
     for (int g = 0; g < NG; ++g) {
       const auto p = V::set1(probs[g * kTokenTile + j]);
       for (int s = 0; s < SLICES; ++s) out[s][g] = V::fmadd(p, v[s], out[s][g]);

@@ -28,6 +28,16 @@ enum class CacheDtype { kFloat, kBFloat16, kHalf, kFloat8E4M3, kFloat8E5M2 };
 // the same L1 sets every 4 KB; 16 of them still fit the 8 ways (measured: ~10-15% faster than 32 on AVX2).
 constexpr int64_t kTokenTile = 16;
 
+// The order of head_dim in the prepared q and in the partial outputs. Natural, but for the AVX2 kernel over a
+// bf16 cache (attends_in_pairs): there each group of kPairGroup elements holds its 8 even elements, then its 8
+// odd ones, the order in which that kernel widens 16 bf16 of one 256-bit load (VecAVX2::load_pair). A dot
+// product and a weighted sum of V rows do not care about the order, as long as q, K, V and the output agree.
+constexpr int64_t kPairGroup = 16;
+inline int64_t paired_index(int64_t d) {
+  const int64_t i = d % kPairGroup;
+  return d - i + (i % 2) * (kPairGroup / 2) + i / 2;
+}
+
 // One call's attention, split into work items over a flat (row, KV chunk) index; each item runs every kv head
 // of its row over its chunk, for all of the row's new tokens and query heads at once (each K/V row is read once
 // for all of them), and leaves one partial result per (new token, query head, chunk).
@@ -73,5 +83,10 @@ using AttendFn = void (*)(const AttentionProblem&, int64_t begin, int64_t end, f
 void attend_generic(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
 void attend_avx2(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
 void attend_avx512(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
+
+// Whether `attend` over a cache of `dtype` wants q, and gives the partial outputs, in paired order (kPairGroup).
+inline bool attends_in_pairs(AttendFn attend, CacheDtype dtype) {
+  return attend == attend_avx2 && dtype == CacheDtype::kBFloat16;
+}
 
 }  // namespace qwen_fused

@@ -232,12 +232,13 @@ struct QueryLayout {
   }
 };
 
-// Pass 1, per new token: its q heads normed, roped and scaled into q_out (laid out by `layout`); k (roped)
+// Pass 1, per new token: its q heads normed, roped and scaled into q_out (laid out by `layout`, head_dim in paired
+// order if `paired`); k (roped)
 // and v rounded to the cache dtype and written to the token's slot.
 template <typename scalar_t, typename cache_t>
 void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RopeInputs& rope,
-                       const IndexPlan& plan, const QueryLayout& layout, float scale, float eps, at::Tensor& k_cache,
-                       at::Tensor& v_cache, float* q_out) {
+                       const IndexPlan& plan, const QueryLayout& layout, float scale, float eps, bool paired,
+                       at::Tensor& k_cache, at::Tensor& v_cache, float* q_out) {
   const std::vector<int64_t>& slots = plan.slots;
   const int64_t tokens = q.size(0), num_heads = q.size(1), num_kv_heads = k.size(1), head_dim = q.size(2);
   const scalar_t* q_in = q.const_data_ptr<scalar_t>();
@@ -257,7 +258,7 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(src[i]);
         norm_and_rope(x.data(), rope.q_weight.data(), c, s, head_dim, eps, rotated.data());
         float* dst = q_out + layout.offset(t, h);
-        for (int64_t i = 0; i < head_dim; ++i) dst[i] = rotated[i] * scale;
+        for (int64_t i = 0; i < head_dim; ++i) dst[paired ? paired_index(i) : i] = rotated[i] * scale;
       }
       if (slots[t] < 0) continue;
       for (int64_t h = 0; h < num_kv_heads; ++h) {
@@ -275,9 +276,10 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Pass 3, per (new token, query head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's
-// chunks (those past the token's own context index hold m = -inf, l = 0 and weigh 0).
+// chunks (those past the token's own context index hold m = -inf, l = 0 and weigh 0); the partial outputs are in
+// paired order if `paired`.
 template <typename scalar_t>
-void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_scale, at::Tensor& out) {
+void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_scale, bool paired, at::Tensor& out) {
   const int64_t group = p.group(), head_dim = p.head_dim, tokens = p.query_start[p.batch];
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, kMinParallelValues / (head_dim * p.num_chunks));
@@ -302,7 +304,8 @@ void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_
       }
       // The V read is stored * v_scale: scale the weighted sum once instead of every V element.
       const float out_scale = v_scale / denominator;
-      for (int64_t i = 0; i < head_dim; ++i) dst[th * head_dim + i] = static_cast<scalar_t>(merged[i] * out_scale);
+      for (int64_t i = 0; i < head_dim; ++i)
+        dst[th * head_dim + i] = static_cast<scalar_t>(merged[paired ? paired_index(i) : i] * out_scale);
     }
   });
 }
@@ -364,12 +367,14 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   const RopeInputs rope =
       gather_rope_inputs(args.q_norm_weight, args.k_norm_weight, args.cos, args.sin, plan.positions, head_dim);
   const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
+  const AttendFn attend = is_float8(k_cache.scalar_type()) ? switches.attend_float8 : switches.attend;
+  const bool paired = attends_in_pairs(attend, cache_dtype_of(k_cache.scalar_type()));
   // Everything is checked: from here on the caches get written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
     using q_t = scalar_t;
     AT_DISPATCH_V2(k_cache.scalar_type(), "fa_fused_write", AT_WRAP([&] {
                      prepare_and_write<q_t, scalar_t>(q_in, k_in, v_in, rope, plan, layout, softmax_scale,
-                                                      static_cast<float>(eps), k_cache, v_cache, q_prepared);
+                                                      static_cast<float>(eps), paired, k_cache, v_cache, q_prepared);
                    }),
                    at::kFloat, at::kHalf, at::kBFloat16, at::kFloat8_e4m3fn, at::kFloat8_e5m2);
   });
@@ -383,13 +388,12 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
   const int64_t work = plan.total_len * num_kv_heads * head_dim * std::max<int64_t>(1, plan.max_queries);
   const int64_t grain = work < kMinParallelValues * 16 ? items : 1;
-  const AttendFn attend = is_float8(k_cache.scalar_type()) ? switches.attend_float8 : switches.attend;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     attend(problem, begin, end, thread_scratch + at::get_thread_num() * scratch_stride);
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_merge",
-                                  [&] { merge_chunks<scalar_t>(problem, layout, plan.v_scale, out); });
+                                  [&] { merge_chunks<scalar_t>(problem, layout, plan.v_scale, paired, out); });
   return out;
 }
 

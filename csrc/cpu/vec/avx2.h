@@ -16,6 +16,8 @@ struct VecAVX2 {
   static constexpr int kMaxHeads = 6;
   static constexpr int64_t kWidth = 8;
   static constexpr bool kLoadsFloat8 = true;
+  // bf16 is read 16 at a time as their even and odd elements (load_pair): see kPairGroup.
+  static constexpr bool kPairsBFloat16 = true;
   using reg = __m256;
 
   static reg zero() { return _mm256_setzero_ps(); }
@@ -25,6 +27,13 @@ struct VecAVX2 {
   static reg load(const BFloat16Bits* p) {
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  // 16 bf16, as fp32: even = elements 0, 2, .., 14 and odd = 1, 3, .., 15. Each 32-bit lane holds an
+  // (even, odd) pair, and bf16 is the upper half of an fp32: one shift and one mask, no widening shuffle.
+  static void load_pair(const BFloat16Bits* p, reg& even, reg& odd) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
   }
   static reg load(const HalfBits* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // fp8 E5M2 is the upper byte of a binary16: widen the bytes to 16 bits, shift them up, convert.

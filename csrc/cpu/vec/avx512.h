@@ -16,6 +16,7 @@ struct VecAVX512 {
   static constexpr int64_t kWidth = 16;
   // No fp8 loads yet (this session's machines could not run them): fp8 caches take the AVX2 kernel.
   static constexpr bool kLoadsFloat8 = false;
+  static constexpr bool kPairsBFloat16 = false;
   using reg = __m512;
 
   static reg zero() { return _mm512_setzero_ps(); }

@@ -47,6 +47,7 @@ struct VecGeneric {
   static constexpr int kMaxHeads = 6;
   static constexpr int64_t kWidth = 8;
   static constexpr bool kLoadsFloat8 = true;
+  static constexpr bool kPairsBFloat16 = false;
   struct reg {
     float lane[kWidth];
   };
