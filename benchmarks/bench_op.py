@@ -3,6 +3,7 @@
     python benchmarks/bench_op.py                  # the full grid (long: run on a quiet machine)
     python benchmarks/bench_op.py --quick          # smoke run: B=1, L=512, bf16, block 128, 3 reps
     python benchmarks/bench_op.py -B 16 -L 4096 --dtypes bf16 --blocks 128   # one shape
+    python benchmarks/bench_op.py --dtypes bf16,fp8e4m3,fp8e5m2 --blocks 128   # fp8 caches vs bf16
     python benchmarks/plot.py benchmarks/results/bench_op.json                # redraw the PNG
 
 Methods, all doing the same math on the same data (qk-norm + RoPE of the new token in fp32, the
@@ -21,7 +22,12 @@ write of its K/V into the cache, GQA attention of one query token over L cached 
   floor        a streaming read of the same K and V bytes (B*L*Hkv*D elements each, cache dtype,
                contiguous): the memory-bandwidth floor of any kernel that reads the context once.
                Several readers are timed side by side (floor[sum], floor[int32-sum],
-               floor[int32-amax]; see FLOOR_READERS); "floor" is the fastest one for that shape.
+               floor[int32-amax], floor[cpp]: a C++ loop, benchmarks/stream_read.py; see
+               FLOOR_READERS); "floor" is the fastest one for that shape.
+
+dtypes: bf16, fp32, fp16 (q, k, v and the cache); fp8e4m3 / fp8e5m2: q, k, v in bf16 over a float8_e4m3fn /
+float8_e5m2 cache with k_scale / v_scale (half bf16's bytes). fp8 rows run fused, eager and floor (SDPA has
+no fp8 inputs); the table gives their time over the bf16 row of the same shape (fp8/bf16).
 
 Timing: per shape, every rep calls every method once, the order rotating each rep, so ratios are
 measured side by side; median, min and max over --reps timed reps after --warmup untimed rounds.
@@ -44,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common, plot  # noqa: E402
+from benchmarks.stream_read import stream_read  # noqa: E402
 
 import torch_qwen_fused  # noqa: E402
 from torch_qwen_fused.backends import eager as reference  # noqa: E402
@@ -62,7 +69,12 @@ FLOOR_READERS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sum": lambda t: t.sum(),
     "int32-sum": lambda t: t.view(torch.int32).sum(dtype=torch.int32),
     "int32-amax": lambda t: t.view(torch.int32).amax(),
+    "cpp": stream_read,
 }
+# fp8 cache dtypes (q, k and v stay bf16, as in a bf16 model with an fp8 KV cache), with the scales they use.
+FP8_CACHES = {"fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2}
+FP8_SCALES = (0.5, 0.25)  # k_scale, v_scale: not 1, so that a scale left out would show in the checks
+SDPA_METHODS = ("gather_sdpa", "contig_sdpa")
 
 # Fused vs each other method: |a - b| <= atol + rtol * |b| (docs/contract.md, section 4; the SDPA methods round
 # q to the cache dtype and accumulate in another order, hence a looser fp32 bound for them).
@@ -80,8 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-B", "--batches", type=common.int_list, default=[1, 4, 16], help="batch sizes (1,4,16)")
     parser.add_argument("-L", "--contexts", type=common.int_list, default=[512, 2048, 8192],
                         help="context lengths incl. the new token (512,2048,8192)")
-    parser.add_argument("--dtypes", type=common.dtype_list, default=["bf16", "fp32"],
-                        help="q and cache dtypes (bf16,fp32; fp16 also accepted)")
+    parser.add_argument("--dtypes", type=common.name_list(tuple(common.DTYPES) + tuple(FP8_CACHES)),
+                        default=["bf16", "fp32", "fp8e4m3", "fp8e5m2"],
+                        help="q and cache dtypes (bf16,fp32,fp8e4m3,fp8e5m2; fp16 also accepted; fp8: bf16 q "
+                             "over an fp8 cache)")
     parser.add_argument("--blocks", type=common.int_list, default=[16, 128], help="cache block sizes (16,128)")
     parser.add_argument("--heads", type=int, default=40, help="query heads (Qwen3-14B: 40)")
     parser.add_argument("--kv-heads", type=int, default=8, help="kv heads (Qwen3-14B: 8)")
@@ -133,7 +147,11 @@ class Shape:
     def __init__(self, batch: int, context: int, dtype_name: str, block: int, heads: int, kv_heads: int,
                  head_dim: int, seed: int):
         self.batch, self.context, self.dtype_name, self.block = batch, context, dtype_name, block
-        dtype = self.dtype = common.DTYPES[dtype_name]
+        dtype = self.dtype = torch.bfloat16 if dtype_name in FP8_CACHES else common.DTYPES[dtype_name]
+        self.cache_dtype = FP8_CACHES.get(dtype_name, dtype)
+        self.fp8 = dtype_name in FP8_CACHES
+        self.scales = ({"k_scale": torch.tensor([FP8_SCALES[0]]), "v_scale": torch.tensor([FP8_SCALES[1]])}
+                       if self.fp8 else {})
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         gen = torch.Generator().manual_seed(seed)
 
@@ -153,8 +171,8 @@ class Shape:
         num_blocks = batch * blocks_per_row + max(1, batch // 2)
         self.block_table = (torch.randperm(num_blocks, generator=gen)[:batch * blocks_per_row]
                             .view(batch, blocks_per_row).to(torch.int32))
-        self.k_cache = randn(num_blocks, block, kv_heads, head_dim)
-        self.v_cache = randn(num_blocks, block, kv_heads, head_dim)
+        self.k_cache = randn(num_blocks, block, kv_heads, head_dim).to(self.cache_dtype)
+        self.v_cache = randn(num_blocks, block, kv_heads, head_dim).to(self.cache_dtype)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32)
         self.positions = reference.default_positions(self.seq_lens)
         self.slot_mapping = reference.default_slot_mapping(self.block_table, self.seq_lens, block)
@@ -166,8 +184,9 @@ class Shape:
         self.kv_bytes = 2 * batch * context * kv_heads * head_dim * self.k_cache.element_size()
 
     def _gather(self, cache: torch.Tensor) -> torch.Tensor:
-        """Each row's blocks, in order, as one contiguous [B, L, Hkv, D] tensor."""
-        return cache[self.table_long].flatten(1, 2)[:, :self.context]
+        """Each row's blocks, in order, as one contiguous [B, L, Hkv, D] tensor (fp8 indexed as its bytes)."""
+        data = cache.view(torch.uint8) if self.fp8 else cache
+        return data[self.table_long].flatten(1, 2)[:, :self.context].view(cache.dtype)
 
     def _norm_rope(self):
         q = reference.apply_rope(reference.rms_norm(self.q, self.q_norm_weight, EPS), self.cos, self.sin,
@@ -179,13 +198,13 @@ class Shape:
     def fused(self) -> torch.Tensor:
         return torch.ops.qwen.fa_fused(self.q, self.k, self.v, self.q_norm_weight, self.k_norm_weight,
                                        self.cos, self.sin, self.k_cache, self.v_cache, self.block_table,
-                                       self.seq_lens, self.positions, self.slot_mapping, EPS, None)
+                                       self.seq_lens, self.positions, self.slot_mapping, EPS, None, **self.scales)
 
     def eager(self) -> torch.Tensor:
         return torch_qwen_fused.fa_fused(self.q, self.k, self.v, self.q_norm_weight, self.k_norm_weight,
                                          self.cos, self.sin, self.k_cache, self.v_cache, self.block_table,
                                          self.seq_lens, self.positions, self.slot_mapping, eps=EPS,
-                                         backend="eager")
+                                         backend="eager", **self.scales)
 
     def gather_sdpa(self) -> torch.Tensor:
         q, k = self._norm_rope()
@@ -212,9 +231,12 @@ class Shape:
     def methods(self, names: List[str]) -> Dict[str, Callable[[], object]]:
         table = {}
         for name in names:
+            if self.fp8 and name in SDPA_METHODS:
+                continue
             if name == "floor":
                 for reader in FLOOR_READERS:
-                    table[f"floor[{reader}]"] = self.floor(reader)
+                    if not (self.fp8 and reader == "sum"):   # torch has no fp8 sum
+                        table[f"floor[{reader}]"] = self.floor(reader)
             else:
                 table[name] = getattr(self, name)
         return table
@@ -225,7 +247,7 @@ def check_outputs(shape: Shape, names: List[str]) -> List[Dict[str, object]]:
     expected = shape.fused()
     checks = []
     for name in names:
-        if name in ("fused", "floor"):
+        if name in ("fused", "floor") or (shape.fp8 and name in SDPA_METHODS):
             continue
         got = getattr(shape, name)()
         atol, rtol = TOLERANCES[shape.dtype]["eager" if name == "eager" else "sdpa"]
@@ -279,6 +301,7 @@ def print_tables(results: List[Dict[str, object]]) -> None:
     for (batch, context, dtype, block), methods in by_shape.items():
         median = {name: record["median_s"] for name, record in methods.items()}
         floor = methods.get("floor", {})
+        bf16_fused = by_shape.get((batch, context, "bf16", block), {}).get("fused", {}).get("median_s")
         rows.append({
             "B": batch, "L": context, "dtype": dtype, "block": block,
             **{name: common.fmt_time(median.get(name)) for name in MAIN_METHODS},
@@ -288,6 +311,7 @@ def print_tables(results: List[Dict[str, object]]) -> None:
             "eager/fused": ratio(median.get("eager"), median.get("fused")),
             "gather/fused": ratio(median.get("gather_sdpa"), median.get("fused")),
             "contig/fused": ratio(median.get("contig_sdpa"), median.get("fused")),
+            "fp8/bf16": ratio(median.get("fused"), bf16_fused) if dtype in FP8_CACHES else "-",
         })
         memory_rows.append({"B": batch, "L": context, "dtype": dtype, "block": block,
                             "KV bytes": common.fmt_bytes(methods["fused"]["kv_bytes"]),
@@ -295,7 +319,7 @@ def print_tables(results: List[Dict[str, object]]) -> None:
                                for name in MAIN_METHODS if name in methods}})
     print("Median time per call (min/max and every rep in the JSON); ratios of medians:")
     print(common.format_table(rows, ["B", "L", "dtype", "block", *MAIN_METHODS, "floor GB/s", "floor reader",
-                                     "fused/floor", "eager/fused", "gather/fused", "contig/fused"]))
+                                     "fused/floor", "eager/fused", "gather/fused", "contig/fused", "fp8/bf16"]))
     if any("peak_extra_bytes" in record for record in results):
         print("\nPeak memory allocated during one call, beyond its inputs (output included):")
         print(common.format_table(memory_rows, list(memory_rows[0])))
@@ -321,7 +345,7 @@ def main(argv=None) -> int:
                    "head_dim": args.head_dim, "methods": args.methods, "reps": args.reps,
                    "warmup": args.warmup, "flush_cache_mib": flusher.mib, "eps": EPS,
                    "rope_theta": ROPE_THETA, "seed": args.seed, "seq_lens": "uniform, all = L",
-                   "floor_readers": list(FLOOR_READERS), "quick": args.quick},
+                   "floor_readers": list(FLOOR_READERS), "fp8_k_v_scales": list(FP8_SCALES), "quick": args.quick},
         "checks": [],
         "results": [],
         "plot": {"x": "L", "y": "median_s", "low": "min_s", "high": "max_s", "series": "method",
