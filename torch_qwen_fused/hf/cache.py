@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..backends.eager import quantize
 from .blocks import BlockAllocator, BlockTable, OutOfBlocksError
 from .step import StepPlan, mask_sees_exactly, real_new_tokens
-from .tensor_parallel import tensor_parallel_size
+from .tensor_parallel import local_kv_heads
 
 __all__ = ["PagedKVCache", "PagedLayer", "FP8_DTYPES"]
 
@@ -50,16 +50,6 @@ def calibrated_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[1] fp32: the scale that maps x's absolute maximum onto the fp8 dtype's largest finite value."""
     absmax = x.detach().abs().max().float().clamp(min=torch.finfo(torch.float32).tiny)
     return (absmax / torch.finfo(dtype).max).reshape(1)
-
-
-def local_kv_heads(config, num_kv_heads: int) -> int:
-    """The kv heads a rank caches: all of them, or its shard under HF tensor parallelism (``config`` of a model
-    loaded with a ``DistributedConfig``/``tp_plan``: its heads split evenly over the ranks)."""
-    ranks = tensor_parallel_size(config)
-    if num_kv_heads % ranks:
-        raise ValueError(f"PagedKVCache: num_key_value_heads ({num_kv_heads}) is not divisible by the model's "
-                         f"tensor-parallel size ({ranks}): its ranks do not hold whole kv heads")
-    return num_kv_heads // ranks
 
 
 class PagedLayer(CacheLayerMixin):

@@ -8,7 +8,7 @@ heads, and sees every token. Its weights are ``DTensor``s; the local shard says 
 
 import torch
 
-__all__ = ["local_rows", "local_head_counts", "tensor_parallel_size"]
+__all__ = ["local_rows", "local_head_counts", "local_kv_heads", "tensor_parallel_size"]
 
 
 def local_rows(weight: torch.Tensor) -> int:
@@ -21,6 +21,17 @@ def tensor_parallel_size(config) -> int:
     """The model's tensor-parallel size as transformers records it on a config it loaded distributed, else 1."""
     distributed = getattr(config, "distributed_config", None)
     return getattr(distributed, "tp_size", None) or 1
+
+
+def local_kv_heads(config, num_kv_heads: int) -> int:
+    """The kv heads a rank's PagedKVCache holds when built from the model config: all of them, or the rank's
+    share under HF tensor parallelism (the config of a model loaded with a ``DistributedConfig``/``tp_plan``:
+    its heads split evenly over the ranks)."""
+    ranks = tensor_parallel_size(config)
+    if num_kv_heads % ranks:
+        raise ValueError(f"PagedKVCache: num_key_value_heads ({num_kv_heads}) is not divisible by the model's "
+                         f"tensor-parallel size ({ranks}): its ranks do not hold whole kv heads")
+    return num_kv_heads // ranks
 
 
 def local_head_counts(module) -> tuple:
