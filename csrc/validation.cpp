@@ -66,6 +66,24 @@ std::array<NamedTensor, 16> named_arguments(const FaFusedArgs& a) {
            {"v_scale", a.v_scale}}};
 }
 
+// Every tensor on one device. The odd one out is named against the device most arguments are on (q's on a tie),
+// so that q on another device is named "q", not "k".
+void check_one_device(const FaFusedArgs& a) {
+  const auto arguments = named_arguments(a);
+  auto count_on = [&](const at::Device& device) {
+    return std::count_if(arguments.begin(), arguments.end(),
+                         [&](const NamedTensor& named) { return named.second && named.second->device() == device; });
+  };
+  at::Device common = a.q.device();
+  for (const auto& [name, t] : arguments) {
+    if (t && count_on(t->device()) > count_on(common)) common = t->device();
+  }
+  for (const auto& [name, t] : arguments) {
+    TORCH_CHECK_VALUE(!t || t->device() == common, a.op(), ": ", name,
+                      " must be on the device of the other arguments, ", common, ", got ", t->device());
+  }
+}
+
 // Shapes, dtypes and devices: everything that can be checked without reading values.
 void check_shapes(const FaFusedArgs& a) {
   const char* op = a.op();
@@ -143,17 +161,13 @@ void check_shapes(const FaFusedArgs& a) {
   }
   if (a.positions) check_index_tensor(op, "positions", *a.positions, tokens);
   if (a.slot_mapping) check_index_tensor(op, "slot_mapping", *a.slot_mapping, tokens);
-  for (const auto& [name, t] : named_arguments(a)) {
-    if (t) {
-      TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
-                        t->device());
-    }
-  }
+  check_one_device(a);
 }
 
-// Whether the bytes two tensors can reach intersect (conservative for strided tensors: their whole span).
+// Whether the bytes two tensors can reach intersect (conservative for strided tensors: their whole span). Meta
+// tensors have no bytes.
 bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (a.numel() == 0 || b.numel() == 0 || a.is_meta() || b.is_meta()) return false;
   auto span = [](const at::Tensor& t) {
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
@@ -310,7 +324,11 @@ void check_no_grad(const char* op, const char* name, const at::Tensor& t) {
 IndexPlan validate(const FaFusedArgs& a) {
   check_shapes(a);
   check_writes(a);
-  if (a.q.size(0) == 0 && a.seq_lens.size(0) == 0) return {};
+  // The devices agree (check_shapes): one check covers every index tensor.
+  TORCH_CHECK_VALUE(!a.seq_lens.is_meta(), a.op(),
+                    ": the tensors are on the meta device, which holds no values, but the checks read the index "
+                    "tensors' values (lengths, block ids, positions, slots); torch.ops.qwen.",
+                    a.op(), " on meta tensors gives the output's shape");
   auto on_host = [](const at::Tensor& t) { return t.device().is_cpu() ? t : t.to(at::kCPU); };
   auto optional_on_host = [&](const at::Tensor* t) {
     return t ? std::optional<at::Tensor>(on_host(*t)) : std::nullopt;

@@ -180,8 +180,74 @@ def test_base_case_is_valid():
 def test_device_mismatch_is_named():
     case = base_case()
     case.block_table = case.block_table.to("meta")
-    with pytest.raises(ValueError, match="block_table must be on q's device cpu, got meta"):
+    with pytest.raises(ValueError, match="block_table must be on the device of the other arguments, cpu, got meta"):
         torch.ops.qwen.fa_fused_check(*case.args())
+
+
+def meta_case(varlen: bool):
+    return make_case([20, 33], 8, 2, 64, 16, torch.float32, explicit_slots=True, new_tokens=[2, 1] if varlen else None)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("name", ["q", "k_cache", "block_table", "seq_lens", "positions", "slot_mapping",
+                                  "query_start_loc", "v_scale"])
+def test_one_meta_argument_through_the_dispatcher_is_refused(name, varlen):
+    """One meta tensor among CPU tensors makes the dispatcher pick the Meta (fake) kernel: it must refuse, naming
+    the argument, not return uninitialized memory."""
+    if name == "query_start_loc" and not varlen:
+        pytest.skip("fa_fused has no query_start_loc")
+    case = meta_case(varlen)
+    case.v_scale = torch.ones(1)
+    setattr(case, name, getattr(case, name).to("meta"))
+    k_before, v_before = case.k_cache.clone(), case.v_cache.clone()
+    with pytest.raises(ValueError, match=f"{name} must be on the device of the other arguments, cpu, got meta"):
+        case.run_op()
+    if name != "k_cache":
+        assert_same_bytes(case.k_cache, k_before)
+    assert_same_bytes(case.v_cache, v_before)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fake_kernel_checks_shapes_and_dtypes_as_the_cpu_kernel_does(varlen):
+    """The same message from the fake kernel (all-meta arguments) as from the CPU kernel, for a wrong shape and a
+    wrong dtype; and the right output shape when nothing is wrong."""
+    case = meta_case(varlen)
+    meta = case.clone()
+    for field in ("q", "k", "v", "q_norm_weight", "k_norm_weight", "cos", "sin", "k_cache", "v_cache", "block_table",
+                  "seq_lens", "query_start_loc", "slot_mapping"):
+        if getattr(meta, field) is not None:
+            setattr(meta, field, getattr(meta, field).to("meta"))
+    meta.positions = None
+    case.positions = None
+    assert meta.run_op().shape == case.q.shape
+    for mutate in (lambda c: setattr(c, "v", c.v[:, :1]), lambda c: setattr(c, "seq_lens", c.seq_lens.long()),
+                   lambda c: setattr(c, "k_norm_weight", c.k_norm_weight.to(torch.int32))):
+        messages = []
+        for working in (case.clone(), meta.clone()):
+            mutate(working)
+            with pytest.raises(ValueError) as error:
+                working.run_op()
+            messages.append(str(error.value).splitlines()[0])
+        assert messages[0] == messages[1]
+
+
+def test_eager_on_meta_tensors_says_why_it_refuses():
+    """Not the misleading "v_cache shares memory with k_cache" (meta tensors have no memory to share)."""
+    case = base_case()
+    meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in case.args()]
+    with pytest.raises(ValueError, match="meta device, which holds no values"):
+        torch_qwen_fused.fa_fused(*meta_args, backend="eager")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_empty_varlen_batch_needs_query_start_loc_to_end_at_zero(backend):
+    case = make_case([5], 8, 2, 64, 16, torch.float32, new_tokens=[1])
+    empty = {name: getattr(case, name)[:0] for name in ("q", "k", "v", "seq_lens", "block_table")}
+    args = (empty["q"], empty["k"], empty["v"], case.q_norm_weight, case.k_norm_weight, case.cos, case.sin,
+            case.k_cache, case.v_cache, empty["block_table"], empty["seq_lens"])
+    assert torch_qwen_fused.fa_fused_varlen(*args, torch.tensor([0], dtype=torch.int32), backend=backend).shape[0] == 0
+    with pytest.raises(ValueError, match=r"query_start_loc\[0\] must be 0, got 5"):
+        torch_qwen_fused.fa_fused_varlen(*args, torch.tensor([5], dtype=torch.int32), backend=backend)
 
 
 def test_a_later_row_error_leaves_earlier_rows_unwritten():

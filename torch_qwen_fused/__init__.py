@@ -2,13 +2,15 @@
 
 Importing the package registers the op and its kernels: the schema, argument checks and CPU kernel (C++,
 ``_C``), the eager kernel for every other device (``backends.eager``), the Ascend NPU kernel
-(``backends.npu``; imports neither torch_npu nor pypto) and the fake kernel (``ops``).
+(``backends.npu``; imports neither torch_npu nor pypto) and the fake kernels, which are also the Meta kernels
+(``fake``).
 """
 
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 from . import _C  # noqa: F401
 from .backends import eager, npu  # noqa: F401
+from . import fake  # noqa: F401
 from . import ops
 from .ops import BACKENDS, fa_fused, fa_fused_varlen, reload_cpu_switches
 from .rope import rope_cos_sin

@@ -1,4 +1,4 @@
-"""The public entry point ``fa_fused``, its backend switch and the op's fake kernel."""
+"""The public entry points ``fa_fused`` and ``fa_fused_varlen`` and their backend switch."""
 
 import os
 from typing import Optional
@@ -160,20 +160,3 @@ def reload_cpu_switches() -> None:
     """Makes the CPU kernel read ``TORCH_QWEN_FUSED_CPU_ISA`` and ``TORCH_QWEN_FUSED_KV_CHUNK`` again at its
     next call (it reads them, and the CPU's features, once per process)."""
     torch.ops.qwen.reload_cpu_switches()
-
-
-@torch.library.register_fake("qwen::fa_fused")
-def _fa_fused_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                   positions=None, slot_mapping=None, eps=1e-6, scale=None, k_scale=None, v_scale=None):
-    # Shapes only: the real kernel runs every check of the contract before it writes (validation.cpp).
-    torch._check(q.dim() == 3, lambda: f"fa_fused: q must be 3-D [batch, num_heads, head_dim], got {q.dim()}-D")
-    return q.new_empty(q.shape)
-
-
-@torch.library.register_fake("qwen::fa_fused_varlen")
-def _fa_fused_varlen_fake(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
-                          query_start_loc, positions=None, slot_mapping=None, eps=1e-6, scale=None, k_scale=None,
-                          v_scale=None):
-    torch._check(q.dim() == 3,
-                 lambda: f"fa_fused_varlen: q must be 3-D [num_tokens, num_heads, head_dim], got {q.dim()}-D")
-    return q.new_empty(q.shape)
