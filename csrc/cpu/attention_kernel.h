@@ -5,7 +5,8 @@
 // Per token tile of kTokenTile tokens, for the G query heads that share one kv head:
 //   s[g, j] = q_g . k_j                      (q already carries the softmax scale)
 //   m' = max(m, max_j s[g, j]);  alpha = exp(m - m');  p[g, j] = exp(s[g, j] - m')
-//   l  = alpha * l + sum_j p[g, j];  acc_g = alpha * acc_g + sum_j p[g, j] * v_j
+//   l' = alpha * l + sum_j p[g, j];  acc_g = alpha * acc_g + sum_j p[g, j] * v_j
+// acc is kept times a power of two near 1 / l (sum_scale), so that it never overflows where V is finite.
 // Each K and V row is loaded once per tile and used by all G heads. The chunk's (m, l, acc) are
 // merged with the other chunks of the row afterwards (fa_fused_cpu.cpp).
 #pragma once
@@ -187,6 +188,12 @@ QWEN_INLINE float exp_and_sum(float* scores, float row_max) {
   return V::reduce_add(sum);
 }
 
+template <class V>
+QWEN_INLINE void scale_tile(float* probs, float factor) {
+  const auto f = V::set1(factor);
+  for (int64_t j = 0; j < kTokenTile; j += V::kWidth) V::store(probs + j, V::mul(V::load(probs + j), f));
+}
+
 // One work item: the tokens of KV chunk `chunk` of one row, for every kv head in turn and all the row's
 // queries (new token i, query head g: query i * group + g of the kv head). Walking the chunk token by token
 // reads each token's K and V rows (all kv heads, contiguous in the NHD layout) once for all of them, as one
@@ -287,7 +294,11 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
         // Scores that are all -inf so far (an -inf key or weight) weigh 0, as they do in a softmax whose
         // max comes from another chunk: shift by 0, not by -inf (-inf - -inf would be NaN).
         const float shift = new_max == kNegInf ? 0.f : new_max;
-        running_sum[g] = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, shift);
+        const float sum = running_sum[g] * alpha[g] + exp_and_sum<V>(tile_scores, shift);
+        const float new_scale = sum_scale(sum);
+        alpha[g] *= new_scale / sum_scale(running_sum[g]);
+        running_sum[g] = sum;
+        scale_tile<V>(tile_scores, new_scale);
       }
       if (!causal_tile) {
         for_head_slices<V>(queries, [&]<int NG>(int64_t g0) {

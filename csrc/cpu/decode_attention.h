@@ -3,6 +3,7 @@
 // must not pull ATen headers into code built for wider instructions.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace qwen_fused {
@@ -38,6 +39,17 @@ inline int64_t paired_index(int64_t d) {
   return d - i + (i % 2) * (kPairGroup / 2) + i / 2;
 }
 
+// The partial output of a chunk is sum_j p_j v_j times sum_scale(l), l = sum_j p_j: a power of two 2^-e with
+// l < 2^e <= 2 l, so that it stays within the largest |v_j| (finite wherever V is) while every rescaling is exact
+// (the precision of the plain sum). 1 while l = 0 (no weight yet); NaN stays NaN. Internal linkage: each kernel
+// file compiles its own copy for its instruction set, and the linker must not hand one ISA's copy to another.
+namespace {
+inline float sum_scale(float sum) {
+  if (!(sum > 0.f)) return sum == 0.f ? 1.f : sum;
+  return std::ldexp(1.f, -(std::ilogb(sum) + 1));
+}
+}  // namespace
+
 // One call's attention, split into work items over a flat (row, KV chunk) index; each item runs every kv head
 // of its row over its chunk, for all of the row's new tokens and query heads at once (each K/V row is read once
 // for all of them), and leaves one partial result per (new token, query head, chunk).
@@ -60,7 +72,7 @@ struct AttentionProblem {
   int64_t chunk_len, num_chunks;  // KV split: chunk c of a row covers tokens [c * chunk_len, (c + 1) * chunk_len)
   int64_t max_queries;            // the most new tokens of one row
   // Per (row, kv head, chunk) and query (i, g) of the row (i * group + g): running max, running sum and the
-  // unnormalised output, at partial_index(b, h, c) + i * group + g.
+  // unnormalised output times sum_scale(sum), at partial_index(b, h, c) + i * group + g.
   float* partial_max;
   float* partial_sum;
   float* partial_out;  // times head_dim

@@ -33,13 +33,14 @@ namespace {
 
 // A KV chunk is never shorter than this: below it the merge costs more than the split gains.
 constexpr int64_t kMinChunkTokens = 256;
+// Nor longer than this: a chunk's softmax sum is an fp32 count of up to this many unit weights, exact below 2^24;
+// over 2^25-token chunks it used to stall and pull the output of equal V rows off by a third.
+constexpr int64_t kMaxChunkTokens = int64_t{1} << 20;
 // Enough work items per thread to even out ragged rows.
 constexpr int64_t kItemsPerThread = 4;
 // Below this many values to process, a pass runs on the calling thread.
 constexpr int64_t kMinParallelValues = 32768;
 constexpr int64_t kFloatsPerCacheLine = 64 / sizeof(float);
-
-int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 // The attention kernel for this CPU; TORCH_QWEN_FUSED_CPU_ISA=generic|avx2|avx512 forces one
 // (tests use it to cover every variant the machine can run).
@@ -106,13 +107,15 @@ void reload_cpu_switches() {
 // Tokens per KV chunk: enough chunks for every thread to get kItemsPerThread (row, chunk) work items,
 // each at least kMinChunkTokens long. TORCH_QWEN_FUSED_KV_CHUNK forces a length, clamped to
 // [kTokenTile, max_len]: shorter chunks would only grow the partial results (one per chunk, head_dim + 2
-// floats for every query head), so the workspace stays below 1/kTokenTile of the K/V it reads.
+// floats for every query head), so the workspace stays below 1/kTokenTile of the K/V it reads. Either way a
+// chunk is at most kMaxChunkTokens long.
 int64_t choose_chunk_len(int64_t batch, int64_t max_len, int64_t forced) {
-  if (forced) return std::clamp(forced, kTokenTile, std::max(max_len, kTokenTile));
+  if (forced) return std::clamp(forced, kTokenTile, std::clamp(max_len, kTokenTile, kMaxChunkTokens));
   const int64_t target_items = kItemsPerThread * at::get_num_threads();
   const int64_t wanted_chunks = (target_items + batch - 1) / batch;
   const int64_t max_chunks = std::max<int64_t>(1, (max_len + kMinChunkTokens - 1) / kMinChunkTokens);
-  const int64_t chunks = std::min(wanted_chunks, max_chunks);
+  const int64_t chunks =
+      std::max(std::min(wanted_chunks, max_chunks), (max_len + kMaxChunkTokens - 1) / kMaxChunkTokens);
   const int64_t chunk_len = (max_len + chunks - 1) / chunks;
   return (chunk_len + kTokenTile - 1) / kTokenTile * kTokenTile;
 }
@@ -276,8 +279,9 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Pass 3, per (new token, query head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's
-// chunks (those past the token's own context index hold m = -inf, l = 0 and weigh 0); the partial outputs are in
-// paired order if `paired`.
+// chunks (acc_c comes times 2^-e_c, l_c < 2^e_c <= 2 l_c: the factors are computed first, so that no partial
+// sum exceeds the largest V) (those past the token's own context index hold m = -inf, l = 0 and weigh 0); the partial
+// outputs are in paired order if `paired`.
 template <typename scalar_t>
 void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_scale, bool paired, at::Tensor& out) {
   const int64_t group = p.group(), head_dim = p.head_dim, tokens = p.query_start[p.batch];
@@ -294,18 +298,21 @@ void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_
       for (int64_t c = 0; c < chunks; ++c)
         global_max = std::max(global_max, p.partial_max[p.partial_index(b, h / group, c) + query]);
       float denominator = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t partial = p.partial_index(b, h / group, c) + query;
+        denominator += std::exp(p.partial_max[partial] - global_max) * p.partial_sum[partial];
+      }
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t partial = p.partial_index(b, h / group, c) + query;
-        const float weight = std::exp(p.partial_max[partial] - global_max);
-        denominator += weight * p.partial_sum[partial];
+        const float weight =
+            std::exp(p.partial_max[partial] - global_max) / denominator / sum_scale(p.partial_sum[partial]);
         const float* acc = p.partial_out + partial * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * acc[i];
       }
-      // The V read is stored * v_scale: scale the weighted sum once instead of every V element.
-      const float out_scale = v_scale / denominator;
+      // The V read is stored * v_scale: scale the weighted mean once instead of every V element.
       for (int64_t i = 0; i < head_dim; ++i)
-        dst[th * head_dim + i] = static_cast<scalar_t>(merged[paired ? paired_index(i) : i] * out_scale);
+        dst[th * head_dim + i] = static_cast<scalar_t>(merged[paired ? paired_index(i) : i] * v_scale);
     }
   });
 }
@@ -341,16 +348,12 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   problem.num_chunks = (plan.max_len + problem.chunk_len - 1) / problem.chunk_len;
   const int64_t items = problem.num_items();
   const int64_t partials = problem.num_partials();
-  const int64_t threads = at::get_num_threads();
   const QueryLayout layout(plan.query_start, num_heads, problem.group(), head_dim);
 
-  // One fp32 buffer for the prepared q, the chunks' partial results and the threads' scratch. Each
-  // thread's scratch starts on a cache line of its own (no false sharing between the threads' writes).
+  // One fp32 buffer for the prepared q and the chunks' partial results.
   const int64_t q_floats = tokens * num_heads * head_dim;
-  const int64_t scratch_begin = round_up(q_floats + partials * (head_dim + 2), kFloatsPerCacheLine);
-  const int64_t scratch_stride = round_up(problem.scratch_floats(), kFloatsPerCacheLine);
   at::Tensor workspace =
-      at::empty({scratch_begin + threads * scratch_stride + kFloatsPerCacheLine}, q.options().dtype(at::kFloat));
+      at::empty({q_floats + partials * (head_dim + 2) + kFloatsPerCacheLine}, q.options().dtype(at::kFloat));
   // at::empty aligns to 64 bytes on the CPU; align again in case an allocator does not.
   float* base = workspace.data_ptr<float>();
   base += (kFloatsPerCacheLine - reinterpret_cast<uintptr_t>(base) / sizeof(float) % kFloatsPerCacheLine) %
@@ -359,7 +362,6 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   problem.partial_out = q_prepared + q_floats;
   problem.partial_max = problem.partial_out + partials * head_dim;
   problem.partial_sum = problem.partial_max + partials;
-  float* thread_scratch = base + scratch_begin;
 
   // The K read is stored * k_scale: fold it into q's pre-scale instead of every K element.
   const float softmax_scale =
@@ -388,8 +390,11 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
   const int64_t work = plan.total_len * num_kv_heads * head_dim * std::max<int64_t>(1, plan.max_queries);
   const int64_t grain = work < kMinParallelValues * 16 ? items : 1;
+  // Each task allocates its own scratch: a buffer sized from one thread count and indexed by thread ids read
+  // later breaks when another thread changes torch's thread count in between (heap corruption).
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    attend(problem, begin, end, thread_scratch + at::get_thread_num() * scratch_stride);
+    std::vector<float> scratch(problem.scratch_floats());
+    attend(problem, begin, end, scratch.data());
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_merge",
