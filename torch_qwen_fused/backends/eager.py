@@ -98,12 +98,14 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor])
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
                 v_scale: Optional[torch.Tensor] = None) -> None:
-    """Write k, v [T, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its token."""
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    """Write k, v [T, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its token. Indexed by (block,
+    offset), not through a flat view: blocks may lie further apart than their size (contract, section 5)."""
+    block_size = k_cache.shape[1]
     rows = slot_mapping >= 0
     slots = slot_mapping[rows]
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = quantize(k[rows], k_cache.dtype, k_scale)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = quantize(v[rows], v_cache.dtype, v_scale)
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = quantize(k[rows], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize(v[rows], v_cache.dtype, v_scale)
 
 
 def gather_context(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int,
