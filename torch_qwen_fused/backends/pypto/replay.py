@@ -18,7 +18,7 @@ import torch
 
 from . import compat
 from .kernel import KernelConfig, KernelTiles, build_kernel
-from ..eager import default_positions, default_slot_mapping
+from ...paged import default_positions, default_slot_mapping
 
 __all__ = ["fa_fused_pypto", "prepare", "kernel_config", "refuse_unsupported_caches"]
 
