@@ -112,10 +112,8 @@ class PatchHandle:
         self._last_cache = None
         self._active = False
         self._rope = ModelRope(base, attentions[0].head_dim)
-        self._step_cache = None   # the PagedKVCache of the step between the base model's hooks
-        self._batch_step: Optional[BatchStep] = None   # or the continuous-batching step between them
-        # The base model's positional parameters, read once: binding a signature at each step would graph-break
-        # under torch.compile (inspect's mapping proxy), while zip() over the names traces.
+        # The continuous-batching step between the base model's hooks (a PagedKVCache holds its own step's plan).
+        self._batch_step: Optional[BatchStep] = None
         self._base_parameters = [name for name, parameter in inspect.signature(type(base).forward).parameters.items()
                                  if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
 
@@ -255,14 +253,10 @@ class PatchHandle:
         """Plans the step once for all layers, in its PagedKVCache or from HF's continuous-batching arguments, from
         the base model's arguments (Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds,
         use_cache, **kwargs))."""
-        given = dict(zip(self._base_parameters, args))
-        given.update(kwargs)
-        cache = given.get("cache")
-        if cache is None:
-            cache = given.get("past_key_values")   # the deprecated name
+        given, cache = self._step_arguments(args, kwargs)
+        tokens = given.get("input_ids")
+        tokens = tokens if tokens is not None else given.get("inputs_embeds")
         if is_continuous_batching_cache(cache):
-            tokens = given.get("input_ids")
-            tokens = tokens if tokens is not None else given.get("inputs_embeds")
             self._batch_step = plan_batch_step(cache, given, tokens.shape[1])
             return None
         if not isinstance(cache, PagedKVCache):
@@ -272,21 +266,27 @@ class PatchHandle:
                              f"layer, this model's attention has {self.num_kv_heads} (on this rank, under tensor "
                              f"parallelism); build it with the patch handle's new_cache() or PagedKVCache(config, "
                              f"num_kv_heads={self.num_kv_heads})")
-        tokens = given.get("input_ids")
-        tokens = tokens if tokens is not None else given.get("inputs_embeds")
         weight = self._weight
         plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
                                    position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device)
         self._rope.ensure(int(plan.positions.max()) + 1)
-        self._step_cache = cache
         return None
 
     def _end_step(self, module, args, kwargs, output):
+        """Commits the step in its PagedKVCache (the cache owns its plan), or drops the continuous-batching one."""
         self._batch_step = None
-        cache, self._step_cache = self._step_cache, None
-        if cache is not None and cache.current_plan is not None:
+        cache = self._step_arguments(args, kwargs)[1]
+        if isinstance(cache, PagedKVCache) and cache.current_plan is not None:
             cache.end_forward()
         return None
+
+    def _step_arguments(self, args, kwargs) -> tuple:
+        """(the base model's arguments by name, its cache). Bound by zipping the names read once: binding a signature
+        at each step would graph-break under torch.compile (inspect's mapping proxy)."""
+        given = dict(zip(self._base_parameters, args))
+        given.update(kwargs)
+        cache = given.get("cache")
+        return given, cache if cache is not None else given.get("past_key_values")   # the deprecated name
 
     # ------------------------------------------------------------------ the patched attention forward
     def _attention_forward(self, module, original, hidden_states, position_embeddings=None, attention_mask=None,
