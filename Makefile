@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXTENSION := torch_qwen_fused/_C.stamp
 CSRC := $(shell find csrc -name "*.cpp" -o -name "*.h") setup.py
 
-.PHONY: setup lint format test test-pypto demo bench bench-op bench-decode bench-varlen bench-pypto clean
+.PHONY: setup lint format test test-pypto demo bench bench-op bench-decode bench-ttft bench-batch bench-varlen bench-pypto clean
 
 setup: $(EXTENSION)
 
@@ -46,13 +46,22 @@ test-pypto: setup
 demo: setup
 	$(PY) -m torch_qwen_fused.demo
 
-bench: bench-op bench-decode bench-varlen
+bench: bench-op bench-decode bench-ttft bench-batch bench-varlen
 
 bench-op: setup
 	$(PY) -m benchmarks.bench_op
 
 bench-decode: setup
 	$(PY) -m benchmarks.bench_decode
+
+# Time to first token, stock vs patched (2 layers of the 0.6B shape: a 28-layer prefill of 4 x 8192 tokens takes
+# most of an hour here).
+bench-ttft: setup
+	$(PY) -m benchmarks.bench_decode --measure ttft --presets 0.6b -L 128,2048,8192 --layers 2 --reps 3 --dtype float32
+
+# HF continuous batching (generate_batch), stock vs patched: about 20 minutes per rep here.
+bench-batch: setup
+	$(PY) -m benchmarks.bench_batch
 
 bench-varlen: setup
 	$(PY) -m benchmarks.bench_varlen

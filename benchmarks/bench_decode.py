@@ -13,6 +13,12 @@ Before timing, one decode step of an fp32 copy of the model is checked, stock vs
 difference <= 1e-3); the run's own first-step logit difference (bf16 rounding included) is reported as a figure.
 
 Output: benchmarks/results/bench_decode.json and .png (tokens/s vs context, one line per method).
+
+``--measure ttft`` times the time to first token instead: ``generate(max_new_tokens=1)`` from a random prompt of L
+tokens, stock and patched side by side (interleaved reps, medians), at each batch of ``--ttft-batches``; the first
+tokens must agree. Output: benchmarks/results/bench_decode_ttft.json and .png (seconds vs L, one panel per batch).
+
+    python -m benchmarks.bench_decode --measure ttft -L 128,2048,8192 --layers 2 --reps 3
 """
 
 import argparse
@@ -52,26 +58,23 @@ def parse_args(argv=None):
                         help="context: random K/V of the right shape (default), or a real prefill of a random "
                              "prompt (minutes per layer stack at L=8192 here)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", type=Path, default=common.RESULTS_DIR / "bench_decode.json")
+    parser.add_argument("--measure", choices=("decode", "ttft"), default="decode",
+                        help="decode tokens/s (default) or the prefill's time to first token")
+    parser.add_argument("--ttft-batches", type=common.int_list, default=[1, 4], help="batches of --measure ttft")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="default: benchmarks/results/bench_decode.json (bench_decode_ttft.json for ttft)")
     parser.add_argument("--no-plot", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is None:
+        name = "bench_decode.json" if args.measure == "decode" else "bench_decode_ttft.json"
+        args.output = common.RESULTS_DIR / name
+    return args
 
 
 def build_model(preset: str, args):
     layers = args.layers or PRESET_LAYERS[preset]
     model_args = argparse.Namespace(preset=preset, layers=layers, vocab=args.vocab, dtype=args.dtype, seed=args.seed)
     return demo.build_model(model_args)
-
-
-def paged_copy(handle, dense_cache, batch: int, context: int, capacity: int):
-    """A PagedKVCache holding exactly what ``dense_cache`` (a prefilled DynamicCache) holds."""
-    paged = handle.new_cache(batch_size=batch, max_length=capacity)
-    first = dense_cache.layers[0].keys
-    paged.begin_forward(batch, context, dtype=first.dtype, device=first.device)
-    for index, layer in enumerate(dense_cache.layers):
-        paged.update(layer.keys, layer.values, index)
-    paged.end_forward()
-    return paged
 
 
 def decode(model, cache, token, steps: int):
@@ -102,8 +105,7 @@ def fp32_logit_diff(model, dense_cache, first, args) -> float:
     for index, layer in enumerate(dense_cache.layers):
         stock_cache.update(layer.keys.float(), layer.values.float(), index)
     with hf.patch_model(reference, block_size=args.block_size) as handle:
-        paged_cache = paged_copy(handle, stock_cache, args.batch, stock_cache.get_seq_length(),
-                                 stock_cache.get_seq_length() + 2)
+        paged_cache = demo.paged_copy(handle, stock_cache, stock_cache.get_seq_length() + 2)
         _, patched = decode(reference, paged_cache, first, 1)
     _, stock = decode(reference, stock_cache, first, 1)
     return (stock - patched).abs().max().item() / stock.abs().max().item()
@@ -134,7 +136,7 @@ def bench_context(model, preset, context, args, progress):
         first = torch.randint(1, config.vocab_size, (args.batch, 1), generator=generator)
     kv_cache_dtype = getattr(torch, args.kv_cache_dtype) if args.kv_cache_dtype else None
     with hf.patch_model(model, block_size=args.block_size, kv_cache_dtype=kv_cache_dtype) as handle:
-        paged_cache = paged_copy(handle, stock_cache, args.batch, context, context + args.steps + 1)
+        paged_cache = demo.paged_copy(handle, stock_cache, context + args.steps + 1)
 
     def run(method):
         """Decodes --steps tokens with the stock model or the patched one; restores the cache to L tokens."""
@@ -186,8 +188,75 @@ def bench_context(model, preset, context, args, progress):
     return results
 
 
+def bench_ttft(model, preset, context, batch, args, progress):
+    """Time to first token of ``generate()`` from a random ``batch`` x ``context`` prompt, stock and patched: the
+    prefill (stock attention math in both; patched, its K/V also go to the paged pools) and the first token. The
+    patch is applied before the clock starts (once per model in a real run)."""
+    generator = torch.Generator().manual_seed(args.seed + context + batch)
+    prompt = torch.randint(1, model.config.vocab_size, (batch, context), generator=generator)
+
+    def run(method):
+        handle = hf.patch_model(model, block_size=args.block_size) if method == "patched" else None
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, max_new_tokens=1, do_sample=False)
+        elapsed = time.perf_counter() - start
+        if handle is not None:
+            handle.remove()
+        return elapsed, out[:, -1]
+
+    times, first = {"stock": [], "patched": []}, {}
+    for rep in range(args.reps):
+        for method in (("stock", "patched") if rep % 2 == 0 else ("patched", "stock")):
+            progress(f"{preset} L={context} batch {batch}: rep {rep + 1}/{args.reps} {method}")
+            elapsed, first[method] = run(method)
+            times[method].append(elapsed)
+    agreement = (first["stock"] == first["patched"]).float().mean().item()
+    return [{"preset": preset, "L": context, "batch": batch, "method": method, "ttft_s": statistics.median(samples),
+             "min_ttft_s": min(samples), "max_ttft_s": max(samples), "ttft_times_s": samples,
+             "first_token_agreement": agreement} for method, samples in times.items()]
+
+
+def main_ttft(args) -> int:
+    payload = {"benchmark": "bench_decode --measure ttft", "environment": common.environment(),
+               "args": vars(args) | {"output": str(args.output)}, "results": [], "complete": False}
+    payload["plot"] = {"x": "L", "y": "ttft_s", "low": "min_ttft_s", "high": "max_ttft_s", "series": "method",
+                       "cols": ["preset", "batch"], "ylabel": "time to first token", "time_unit": ["s", 1],
+                       "xlabel": "prompt length L (tokens)",
+                       "title": f"HF Qwen3 prefill (generate, 1 new token), {args.dtype}: stock vs fa_fused patch"}
+    started = time.perf_counter()
+
+    def progress(message):
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    rows = []
+    for preset in args.presets:
+        model = build_model(preset, args)
+        bench_ttft(model, preset, 16, 1, argparse.Namespace(**(vars(args) | {"reps": 1})), progress)   # warm-up
+        for batch in args.ttft_batches:
+            for context in args.contexts:
+                results = bench_ttft(model, preset, context, batch, args, progress)
+                payload["results"] += results
+                common.write_json(args.output, payload)
+                by = {r["method"]: r for r in results}
+                rows.append({"preset": preset, "batch": batch, "L": context,
+                             "stock s": f"{by['stock']['ttft_s']:.3f}", "patched s": f"{by['patched']['ttft_s']:.3f}",
+                             "patched/stock": f"{by['patched']['ttft_s'] / by['stock']['ttft_s']:.3f}",
+                             "first tokens agree": f"{by['patched']['first_token_agreement']:.2f}"})
+        del model
+    payload["complete"] = True
+    common.write_json(args.output, payload)
+    print(f"results: {args.output}")
+    if not args.no_plot:
+        print(f"plot:    {plot.plot_file(args.output)}")
+    print(common.format_table(rows, list(rows[0])))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.measure == "ttft":
+        return main_ttft(args)
     payload = {"benchmark": "bench_decode", "environment": common.environment(), "args": vars(args) | {
         "output": str(args.output)}, "results": [], "complete": False}
     payload["plot"] = {"x": "L", "y": "tokens_per_s", "low": "min_tokens_per_s", "high": "max_tokens_per_s",

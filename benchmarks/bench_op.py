@@ -53,6 +53,7 @@ from benchmarks import common, plot  # noqa: E402
 from benchmarks.stream_read import stream_read  # noqa: E402
 
 import torch_qwen_fused  # noqa: E402
+from torch_qwen_fused import paged  # noqa: E402
 from torch_qwen_fused.backends import eager as reference  # noqa: E402
 
 MAIN_METHODS = ("fused", "eager", "gather_sdpa", "contig_sdpa", "floor")
@@ -174,8 +175,8 @@ class Shape:
         self.k_cache = randn(num_blocks, block, kv_heads, head_dim).to(self.cache_dtype)
         self.v_cache = randn(num_blocks, block, kv_heads, head_dim).to(self.cache_dtype)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32)
-        self.positions = reference.default_positions(self.seq_lens)
-        self.slot_mapping = reference.default_slot_mapping(self.block_table, self.seq_lens, block)
+        self.positions = paged.default_positions(self.seq_lens)
+        self.slot_mapping = paged.default_slot_mapping(self.block_table, self.seq_lens, block)
         self.table_long = self.block_table.long()
 
         # The unpaged cache holds the same tokens, [B, Hkv, L, D]; the floor reads these bytes.

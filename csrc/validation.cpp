@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <unordered_map>
 #include <tuple>
@@ -133,9 +134,17 @@ void check_shapes(const FaFusedArgs& a) {
                       shape_of(*t));
     TORCH_CHECK_VALUE(is_cache_dtype(t->scalar_type()), op, ": ", name,
                       " must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", dtype_name(*t));
-    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, " must be contiguous (it is written in place), got strides ",
+    // Each block contiguous, blocks at least a block apart: stride(0) may exceed the block (one layer's pages
+    // in a buffer that interleaves layers, or K and V, as HF's continuous-batching cache does).
+    const int64_t block_elements = block_size * num_kv_heads * head_dim;
+    TORCH_CHECK_VALUE(t->select(0, 0).is_contiguous() && (num_blocks == 1 || t->stride(0) >= block_elements), op, ": ",
+                      name, " must hold each block contiguous ([block_size, num_kv_heads, head_dim] row-major) ",
+                      "and its blocks at least ", block_elements, " elements apart (stride(0)), got strides ",
                       t->strides());
   }
+  TORCH_CHECK_VALUE(num_blocks == 1 || a.v_cache.stride(0) == k_cache.stride(0), op,
+                    ": v_cache must have k_cache's block stride (stride(0)) ", k_cache.stride(0), ", got ",
+                    a.v_cache.stride(0));
   TORCH_CHECK_VALUE(a.v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
                     dtype_name(k_cache), ", got ", dtype_name(a.v_cache));
   // fa_fused: one row per token. fa_fused_varlen: the rows are seq_lens's; query_start_loc splits the tokens.
@@ -179,6 +188,24 @@ bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
   return a_begin < b_end && b_begin < a_end;
 }
 
+// Whether a block of `a` and a block of `b` share a byte: the call reads and writes the caches' blocks only, so
+// two caches interleaved in one buffer (HF's K and V pages, a page apart) do not overlap although their spans do.
+// Both have the same shape, dtype and block stride (checked before). Block i of a starts at i * stride, block j of b
+// at d + j * stride (d: b's start minus a's); they overlap iff |d + m * stride| < extent for m = j - i in
+// [-(n - 1), n - 1]. That distance is convex in m, so the m nearest -d / stride (clamped) decide.
+bool blocks_overlap(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t n = a.size(0);
+  const int64_t stride = a.stride(0) * a.element_size();
+  const int64_t extent = a.select(0, 0).numel() * a.element_size();
+  const int64_t d = static_cast<const char*>(b.const_data_ptr()) - static_cast<const char*>(a.const_data_ptr());
+  if (n == 1) return std::llabs(d) < extent;
+  const int64_t below = d >= 0 ? -((d + stride - 1) / stride) : (-d) / stride;  // floor(-d / stride)
+  for (const int64_t m : {below, below + 1}) {
+    if (std::llabs(d + std::clamp<int64_t>(m, -(n - 1), n - 1) * stride) < extent) return true;
+  }
+  return false;
+}
+
 // The caches are written in place: a call whose result would depend on the order of the writes and reads,
 // or that torch would not let write them, is refused.
 void check_writes(const FaFusedArgs& a) {
@@ -189,8 +216,9 @@ void check_writes(const FaFusedArgs& a) {
                       " is an inference tensor (created under torch.inference_mode()) and is written in place: call ",
                       op, " inside torch.inference_mode() too, or create the cache outside it");
   }
-  TORCH_CHECK_VALUE(!spans_overlap(a.k_cache, a.v_cache), op,
-                    ": v_cache shares memory with k_cache; both are written in place, so they must not overlap");
+  TORCH_CHECK_VALUE(!blocks_overlap(a.k_cache, a.v_cache), op,
+                    ": v_cache shares memory with k_cache; both are written in place, so their blocks must not "
+                    "overlap");
   for (const auto& [name, t] : named_arguments(a)) {
     if (t == &a.k_cache || t == &a.v_cache) continue;
     for (const auto& [cache_name, cache] : caches) {

@@ -12,13 +12,19 @@ pytest.importorskip("transformers")
 from torch_qwen_fused import demo  # noqa: E402
 
 SMALL = ["--layers", "1", "--vocab", "512", "--prompt-len", "16", "--new-tokens", "3", "--batch", "2"]
+# The long-context row cut small too (the continuous-batching row follows the prompts).
+SMALL_ROWS = ["--long-context", "64"]
 
 
 def test_demo_exits_0_with_tokens_identical_and_every_step_fused(capsys):
-    assert demo.main(SMALL) == 0
+    assert demo.main(SMALL + SMALL_ROWS) == 0
     printed = capsys.readouterr().out
     assert "6/6 generated tokens identical" in printed
     assert "2 torch.ops.qwen.fa_fused calls = 2 decode steps x 1 layers" in printed
+    assert "== decode from one 64-token context" in printed
+    assert "tokens identical: True; 8 fa_fused calls = 8 steps x 1 layers" in printed
+    assert "== continuous batching: model.generate_batch of the 2 prompts, 3 new tokens each" in printed
+    assert "tokens identical: True; 2 fa_fused + 1 fa_fused_varlen calls" in printed
 
 
 def test_tp_outside_torchrun_is_refused_with_the_command(monkeypatch, capsys):

@@ -59,6 +59,25 @@ def non_contiguous_cache(case):
     case.k_cache = case.k_cache.transpose(0, 1).contiguous().transpose(0, 1)
 
 
+def blocks_closer_than_a_block(case):
+    # Blocks 1024 elements apart, each 2048 long: block i's second half is block i + 1's first.
+    buffer = torch.zeros(case.k_cache.numel(), dtype=case.k_cache.dtype)
+    case.k_cache = buffer.as_strided(case.k_cache.shape, (1024, 128, 64, 1))
+
+
+def v_cache_with_another_block_stride(case):
+    # v_cache's blocks every other block of a buffer twice its size; k_cache stays contiguous.
+    buffer = torch.zeros((case.v_cache.shape[0], 2) + tuple(case.v_cache.shape[1:]), dtype=case.v_cache.dtype)
+    case.v_cache = buffer[:, 0]
+
+
+def interleaved_caches_half_a_block_apart(case):
+    # K and V pages interleaved in one buffer, but V starts half a page after K: each V block straddles two K blocks.
+    pages = torch.zeros((2 * case.k_cache.shape[0] + 1,) + tuple(case.k_cache.shape[1:]), dtype=case.k_cache.dtype)
+    case.k_cache = pages[0:-1:2]
+    case.v_cache = pages.view(-1)[pages[0].numel() // 2:].as_strided(case.k_cache.shape, case.k_cache.stride())
+
+
 def overlapping_caches(case):
     # Two views of one buffer, one block apart: v_cache's first blocks are k_cache's last ones.
     buffer = torch.cat((case.k_cache, case.v_cache[:1]))
@@ -97,7 +116,14 @@ BAD_INPUTS = {
     "sin shape": (replace(sin=lambda c: c.sin[:10]), "sin must have cos's shape"),
     "k_cache 3-D": (replace(k_cache=lambda c: c.k_cache[0]), "k_cache must be 4-D"),
     "v_cache shape": (replace(v_cache=lambda c: c.v_cache[:, :8]), "v_cache must have shape"),
-    "k_cache non-contiguous": (non_contiguous_cache, "k_cache must be contiguous"),
+    "k_cache non-contiguous": (non_contiguous_cache, "k_cache must hold each block contiguous ([block_size, "
+                                                     "num_kv_heads, head_dim] row-major)"),
+    "k_cache blocks overlap each other": (blocks_closer_than_a_block,
+                                          "k_cache must hold each block contiguous ([block_size, num_kv_heads, "
+                                          "head_dim] row-major) and its blocks at least 2048 elements apart (stride(0))"
+                                          ", got strides [1024, 128, 64, 1]"),
+    "v_cache block stride": (v_cache_with_another_block_stride,
+                             "v_cache must have k_cache's block stride (stride(0)) 2048, got 4096"),
     "v_cache dtype": (replace(v_cache=lambda c: c.v_cache.half()), "v_cache must have k_cache's dtype"),
     "cache integer": (replace(k_cache=lambda c: c.k_cache.to(torch.int16), v_cache=lambda c: c.v_cache.to(torch.int16)),
                       "k_cache must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got torch.int16"),
@@ -132,6 +158,7 @@ BAD_INPUTS = {
     "k_cache is v_cache": (replace(v_cache=lambda c: c.k_cache),
                            "v_cache shares memory with k_cache; both are written in place"),
     "v_cache overlaps k_cache": (overlapping_caches, "v_cache shares memory with k_cache"),
+    "interleaved blocks overlap": (interleaved_caches_half_a_block_apart, "v_cache shares memory with k_cache"),
     "q inside k_cache": (replace(q=lambda c: c.k_cache.view(-1)[: 2 * 8 * 64].view(2, 8, 64)),
                          "q overlaps k_cache, which is written in place; pass a copy"),
     "v inside v_cache": (replace(v=lambda c: c.v_cache.view(-1)[-2 * 2 * 64:].view(2, 2, 64)),
@@ -280,6 +307,27 @@ def test_caches_that_do_not_overlap_may_share_a_buffer():
     buffer = torch.stack((case.k_cache, case.v_cache))
     case.k_cache, case.v_cache = buffer[0], buffer[1]
     torch.testing.assert_close(torch.ops.qwen.fa_fused(*case.args()), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_CALLS))
+def test_caches_interleaved_with_other_pages_give_the_contiguous_result(backend):
+    """HF continuous batching's layout: one buffer of blocks, each holding every layer's K page then V page, so one
+    layer's k_cache / v_cache are views with a block stride of 2 * layers pages and V one page after K. Their spans
+    overlap, their blocks do not: the call must write exactly the contiguous call's slots and nothing else."""
+    layers, layer = 3, 1
+    case = base_case()
+    call = BACKEND_CALLS[backend]
+    expected_case = case.clone()
+    expected = call(expected_case)
+    buffer = torch.randn((case.k_cache.shape[0], 2 * layers) + tuple(case.k_cache.shape[1:])).to(case.k_cache.dtype)
+    buffer[:, 2 * layer], buffer[:, 2 * layer + 1] = case.k_cache, case.v_cache
+    others = torch.cat((buffer[:, : 2 * layer], buffer[:, 2 * layer + 2:]), dim=1).clone()
+    case.k_cache, case.v_cache = buffer[:, 2 * layer], buffer[:, 2 * layer + 1]
+    assert case.k_cache.stride(0) == 2 * layers * case.k_cache[0].numel()
+    torch.testing.assert_close(call(case), expected, atol=0, rtol=0)
+    assert_same_bytes(buffer[:, 2 * layer].contiguous(), expected_case.k_cache)
+    assert_same_bytes(buffer[:, 2 * layer + 1].contiguous(), expected_case.v_cache)
+    assert_same_bytes(torch.cat((buffer[:, : 2 * layer], buffer[:, 2 * layer + 2:]), dim=1), others)
 
 
 def test_inference_caches_are_written_inside_inference_mode():

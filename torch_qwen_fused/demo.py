@@ -7,7 +7,10 @@
 Builds a seeded random-weight model from a Qwen3 config (no download), generates greedily from one left-padded
 batch of prompts of different lengths with stock HF (``attn_implementation="sdpa"``, ``DynamicCache``), then
 with ``patch_model(model)`` (``PagedKVCache``; every decode step of every layer one ``fa_fused`` call), and
-prints the token agreement, decode tokens/s of both runs and the number of fused calls.
+prints the token agreement, decode tokens/s of both runs and the number of fused calls. Two more rows, where the
+op matters more than at ~110 tokens: decode from one ``--long-context`` (2048) token context (random K/V of that
+length, batch 1: a prefill of it would take the demo's whole budget), and HF's continuous batching
+(``generate_batch``) of the same prompts, stock vs patched.
 
 With ``--tp`` (under ``torchrun``; gloo on CPUs) rank 0 builds the model and saves it with ``save_pretrained``,
 every rank loads it with HF's tensor parallelism (``DistributedConfig(tp_plan="auto")``: each rank holds its
@@ -82,6 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--repeat", type=int, default=1, help="timed stock/patched pairs (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-context", type=int, default=2048,
+                        help="context of the long-context decode row (default 2048; 0: skip the row)")
+    parser.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
+                        help="the generate_batch row (default on)")
     parser.add_argument("--tp", action="store_true", help="HF tensor parallelism over the ranks of torchrun: "
                                                           "torchrun --nproc-per-node 2 -m torch_qwen_fused.demo --tp")
     args = parser.parse_args(argv)
@@ -203,6 +210,81 @@ def run(model, ids, mask, new_tokens, label):
     return out, clock, clock.stamps[0] - start
 
 
+def paged_copy(handle, dense_cache, capacity: int):
+    """A PagedKVCache (from the patch handle) holding exactly what ``dense_cache`` (a DynamicCache) holds, with room
+    for ``capacity`` tokens per row."""
+    first = dense_cache.layers[0].keys
+    batch, _, context, _ = first.shape
+    paged = handle.new_cache(batch_size=batch, max_length=capacity)
+    paged.begin_forward(batch, context, dtype=first.dtype, device=first.device)
+    for index, layer in enumerate(dense_cache.layers):
+        paged.update(layer.keys, layer.values, index)
+    paged.end_forward()
+    return paged
+
+
+def long_context_row(model, args, steps: int = 8) -> dict:
+    """Decode tokens/s from one ``args.long_context``-token context of random K/V (decode time does not depend on
+    what the context holds), stock DynamicCache vs patched PagedKVCache: ``steps`` greedy steps each."""
+    from transformers import DynamicCache
+
+    from .hf import patch_model
+
+    config = model.config
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    shape = (1, config.num_key_value_heads, args.long_context, config.head_dim)
+    dtype = next(model.parameters()).dtype
+    stock_cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        stock_cache.update(torch.randn(shape, generator=generator).to(dtype),
+                           torch.randn(shape, generator=generator).to(dtype), layer)
+    first = torch.randint(1, config.vocab_size, (1, 1), generator=generator)
+
+    def decode(cache):
+        token, tokens = first, []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+        return steps / (time.perf_counter() - start), torch.cat(tokens, 1)
+
+    with patch_model(model, block_size=args.block_size) as handle:
+        paged_cache = paged_copy(handle, stock_cache, args.long_context + steps)
+        patched, patched_tokens = decode(paged_cache)
+        calls = handle.fused_calls
+    stock, stock_tokens = decode(stock_cache)
+    return {"stock": stock, "patched": patched, "identical": bool(torch.equal(stock_tokens, patched_tokens)),
+            "calls": calls, "steps": steps}
+
+
+def continuous_batching_row(model, ids, mask, args) -> dict:
+    """HF's continuous batching (``generate_batch``) of the demo's prompts (unpadded), stock vs patched: generated
+    tokens/s (wall time of the call, prefill included), identical tokens, fused calls."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from .hf import patch_model
+
+    requests = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    generation = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1)
+    # HF sizes the cache from the free memory by default (GiBs to zero on a CPU): enough pages for these requests.
+    pages = len(requests) * -(-(args.prompt_len + args.new_tokens) // 256) + len(requests)
+
+    def serve():
+        start = time.perf_counter()
+        outputs = model.generate_batch(requests, generation_config=generation,
+                                       continuous_batching_config=ContinuousBatchingConfig(num_blocks=pages))
+        seconds = time.perf_counter() - start
+        return len(requests) * args.new_tokens / seconds, [output.generated_tokens for output in outputs.values()]
+
+    stock, stock_tokens = serve()
+    with patch_model(model, block_size=args.block_size) as handle:
+        patched, patched_tokens = serve()
+    return {"stock": stock, "patched": patched, "identical": stock_tokens == patched_tokens,
+            "calls": (handle.fused_calls, handle.varlen_calls)}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -278,8 +360,26 @@ def main(argv=None) -> int:
             f"tokens identical to stock on every rank: {all(ranks_agree)}")
     log(f"paged cache         : block_size {cache.block_size}, {used_blocks}/{cache.num_blocks} blocks used, "
         f"real tokens per row {cache.seq_lens.tolist()} (padding not stored)")
+    extra_ok = True
+    if args.long_context and not args.tp:
+        log("")
+        log(f"== decode from one {args.long_context}-token context (batch 1, random K/V context)")
+        row = long_context_row(model, args)
+        log(f"decode tokens/s     : stock {row['stock']:.2f}, patched {row['patched']:.2f} "
+            f"(x{row['patched'] / row['stock']:.2f}); tokens identical: {row['identical']}; "
+            f"{row['calls']} fa_fused calls = {row['steps']} steps x {layers} layers")
+        extra_ok &= row["identical"] and row["calls"] == row["steps"] * layers
+    if args.continuous_batching and not args.tp:
+        log("")
+        log(f"== continuous batching: model.generate_batch of the {args.batch} prompts, "
+            f"{args.new_tokens} new tokens each")
+        row = continuous_batching_row(model, ids, mask, args)
+        log(f"generated tokens/s  : stock {row['stock']:.2f}, patched {row['patched']:.2f} "
+            f"(x{row['patched'] / row['stock']:.2f}, prefill included); tokens identical: {row['identical']}; "
+            f"{row['calls'][0]} fa_fused + {row['calls'][1]} fa_fused_varlen calls")
+        extra_ok &= row["identical"] and row["calls"][0] > 0
     log(f"total time          : {time.perf_counter() - started:.1f} s")
-    return 0 if all_fused and all(ranks_agree) else 1
+    return 0 if all_fused and all(ranks_agree) and extra_ok else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .backends.eager import context_indices, default_slot_mapping, default_varlen_slot_mapping
+from .paged import context_indices, default_slot_mapping, default_varlen_slot_mapping
 from .rope import rope_cos_sin
 
 __all__ = ["Case", "make_case", "fp64_reference", "check_against_reference", "assert_same_bytes", "TOLERANCES",

@@ -111,19 +111,20 @@ QWEN_INLINE void accumulate_values(float* acc, int64_t head_dim, const float* al
 // Walks a row's tokens through its block table without a division per token.
 struct TokenCursor {
   const int32_t* blocks;
-  int64_t block_size, token_stride;
+  int64_t block_size, block_stride, token_stride;
   int64_t logical_block, offset;
 
-  TokenCursor(const int32_t* blocks, int64_t block_size, int64_t token_stride, int64_t token)
+  TokenCursor(const int32_t* blocks, int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t token)
       : blocks(blocks),
         block_size(block_size),
+        block_stride(block_stride),
         token_stride(token_stride),
         logical_block(token / block_size),
         offset(token % block_size) {}
 
   // Element offset of the current token's K/V row (all kv heads); then steps to the next token.
   int64_t next() {
-    const int64_t row = (blocks[logical_block] * block_size + offset) * token_stride;
+    const int64_t row = blocks[logical_block] * block_stride + offset * token_stride;
     if (++offset == block_size) {
       offset = 0;
       ++logical_block;
@@ -233,9 +234,10 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
   const int32_t* blocks = p.block_table + row * p.block_table_stride;
   const int64_t token_stride = num_kv_heads * head_dim;
   const int64_t token_bytes = token_stride * static_cast<int64_t>(sizeof(T));
-  TokenCursor cursor(blocks, p.block_size, token_stride, begin);
+  TokenCursor cursor(blocks, p.block_size, p.block_stride, token_stride, begin);
   const int64_t prefetch_begin = begin + kPrefetchTilesAhead * kTokenTile;
-  TokenCursor prefetch_cursor(blocks, p.block_size, token_stride, prefetch_begin < end ? prefetch_begin : begin);
+  TokenCursor prefetch_cursor(blocks, p.block_size, p.block_stride, token_stride,
+                              prefetch_begin < end ? prefetch_begin : begin);
 
   float* scores = scratch;                        // [queries, kTokenTile]
   float* alpha = scratch + queries * kTokenTile;  // [queries]

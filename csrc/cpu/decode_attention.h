@@ -61,8 +61,9 @@ struct AttentionProblem {
   // Normed, roped, scaled queries. Row b's start at query_start[b] * num_heads * head_dim and are laid out
   // [num_kv_heads][n_b][group][head_dim]: the n_b * group queries of one kv head are contiguous.
   const float* q;
-  const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
-  const void* v_cache;
+  const void* k_cache;   // [num_blocks, block_size, num_kv_heads, head_dim], a block's tokens contiguous
+  const void* v_cache;   // the same layout and strides as k_cache
+  int64_t block_stride;  // elements from one block to the next (>= block_size * num_kv_heads * head_dim)
   CacheDtype cache_dtype;
   const int32_t* block_table;  // [batch, >= max blocks of a row]
   int64_t block_table_stride;  // elements from one row of block_table to the next (its columns are contiguous)

@@ -249,6 +249,8 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const scalar_t* v_in = v.const_data_ptr<scalar_t>();
   cache_t* k_slots = k_cache.data_ptr<cache_t>();
   cache_t* v_slots = v_cache.data_ptr<cache_t>();
+  // Blocks may lie further apart than their size (one layer's pages in a buffer interleaving layers, K and V).
+  const int64_t block_size = k_cache.size(1), block_stride = k_cache.stride(0);
   // A few tokens are cheaper on the calling thread than a wake-up of the pool.
   const int64_t grain = std::max<int64_t>(1, kMinParallelValues / ((num_heads + num_kv_heads) * head_dim));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
@@ -266,7 +268,8 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       if (slots[t] < 0) continue;
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         const int64_t src_offset = (t * num_kv_heads + h) * head_dim;
-        const int64_t dst_offset = (slots[t] * num_kv_heads + h) * head_dim;
+        const int64_t dst_offset =
+            slots[t] / block_size * block_stride + ((slots[t] % block_size) * num_kv_heads + h) * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) x[i] = static_cast<float>(k_in[src_offset + i]);
         norm_and_rope(x.data(), rope.k_weight.data(), c, s, head_dim, eps, rotated.data());
         for (int64_t i = 0; i < head_dim; ++i) {
@@ -341,6 +344,7 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   problem.num_kv_heads = num_kv_heads;
   problem.head_dim = head_dim;
   problem.block_size = block_size;
+  problem.block_stride = k_cache.stride(0);
   problem.block_table_stride = table.stride(0);
   problem.query_start = plan.query_start.data();
   problem.max_queries = plan.max_queries;

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from ..paged import context_indices, default_positions, default_slot_mapping, default_varlen_slot_mapping
+
 __all__ = [
     "rms_norm",
     "rotate_half",
@@ -16,11 +18,6 @@ __all__ = [
     "write_cache",
     "gather_context",
     "paged_attention",
-    "default_positions",
-    "default_slot_mapping",
-    "token_rows",
-    "context_indices",
-    "default_varlen_slot_mapping",
     "attend",
     "fa_fused_eager",
     "fa_fused_varlen_eager",
@@ -50,41 +47,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions:
     return x.float() * cos_at + rotate_half(x.float()) * sin_at
 
 
-def default_positions(seq_lens: torch.Tensor) -> torch.Tensor:
-    """The new token's RoPE position when none is given: the last index of its context."""
-    return seq_lens.long() - 1
-
-
-def default_slot_mapping(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Flat cache slot (``block * block_size + offset``) of each row's last context token."""
-    last = seq_lens.long() - 1
-    block = block_table.long().gather(1, (last // block_size).unsqueeze(1)).squeeze(1)
-    return block * block_size + last % block_size
-
-
-def token_rows(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
-    """[T] int64: the row of each new token (row b's are tokens query_start_loc[b] .. query_start_loc[b + 1] - 1)."""
-    counts = query_start_loc[1:].long() - query_start_loc[:-1].long()
-    return torch.repeat_interleave(torch.arange(seq_lens.shape[0], device=seq_lens.device), counts)
-
-
-def context_indices(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
-    """[T] int64: the context index of each new token, ``seq_lens[b] - n_b + i`` for row b's i-th of n_b (the
-    new tokens are the last of the row's context). Also their default RoPE positions."""
-    rows = token_rows(seq_lens, query_start_loc)
-    counts = query_start_loc[1:].long() - query_start_loc[:-1].long()
-    index_in_row = torch.arange(rows.shape[0], device=rows.device) - query_start_loc[:-1].long()[rows]
-    return seq_lens.long()[rows] - counts[rows] + index_in_row
-
-
-def default_varlen_slot_mapping(block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                                block_size: int) -> torch.Tensor:
-    """Flat cache slot of each new token: its context index through its row of the block table."""
-    rows = token_rows(seq_lens, query_start_loc)
-    index = context_indices(seq_lens, query_start_loc)
-    return block_table.long()[rows, index // block_size] * block_size + index % block_size
-
-
 def quantize(x: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """``x / scale`` rounded (to nearest even) to a cache dtype; fp8 saturates to its finite range, so an overflow
     stores the largest value, never Inf or NaN (a NaN stays NaN)."""
@@ -98,12 +60,14 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor])
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
                 v_scale: Optional[torch.Tensor] = None) -> None:
-    """Write k, v [T, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its token."""
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    """Write k, v [T, Hkv, D] into the paged caches at flat slots; a slot of -1 skips its token. Indexed by (block,
+    offset), not through a flat view: blocks may lie further apart than their size (contract, section 5)."""
+    block_size = k_cache.shape[1]
     rows = slot_mapping >= 0
     slots = slot_mapping[rows]
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = quantize(k[rows], k_cache.dtype, k_scale)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = quantize(v[rows], v_cache.dtype, v_scale)
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = quantize(k[rows], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize(v[rows], v_cache.dtype, v_scale)
 
 
 def gather_context(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int,

@@ -39,9 +39,9 @@ def fa_fused_npu(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cac
     args = (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, block_table, seq_lens,
             positions, slot_mapping)
     torch.ops.qwen.fa_fused_check(*args, k_scale, v_scale)
-    from .pypto.replay import kernel_config, prepare, refuse_scaled_caches
+    from .pypto.replay import kernel_config, prepare, refuse_unsupported_caches
 
-    refuse_scaled_caches(k_cache, k_scale, v_scale, "the NPU kernel")
+    refuse_unsupported_caches(k_cache, v_cache, k_scale, v_scale, "the NPU kernel")
     if q.shape[0] == 0:
         return torch.empty_like(q)
     from .pypto import compat

@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from ..paged import slots_of
+
 __all__ = ["BlockAllocator", "BlockTable", "OutOfBlocksError"]
 
 
@@ -134,8 +136,7 @@ class BlockTable:
     def slots(self, logical: torch.Tensor) -> torch.Tensor:
         """Flat pool slot (``block * block_size + offset``) of logical token indices [rows, n] (each >= 0, within
         the row's blocks)."""
-        table = self.tensor.to(logical.device).long()
-        return table.gather(1, logical // self.block_size) * self.block_size + logical % self.block_size
+        return slots_of(self.tensor.to(logical.device), logical, self.block_size)
 
     def _rebuild(self) -> None:
         width = max([len(blocks) for blocks in self.rows] + [1])

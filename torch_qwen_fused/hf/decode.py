@@ -5,7 +5,7 @@ from transformers.utils.output_capturing import _active_collector
 
 from .step import StepPlan
 
-__all__ = ["can_fuse", "can_fuse_several", "fused_decode", "fused_several_tokens"]
+__all__ = ["can_fuse", "can_fuse_several", "fused_decode", "fused_several_tokens", "needs_only_what_the_ops_give"]
 
 
 def attentions_requested(kwargs) -> bool:
@@ -19,16 +19,18 @@ def attentions_requested(kwargs) -> bool:
     return collector is not None and "attentions" in collector
 
 
-def _op_can_serve(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
-    """A mask that sees exactly the cached tokens (and causally the new ones), and nothing the ops do not give:
-    attention weights, dropout, gradients (they are inference-only: they raise under grad mode when an input
-    requires grad)."""
-    if not plan.mask_matches_cache:
-        return False
+def needs_only_what_the_ops_give(module, hidden_states: torch.Tensor, kwargs) -> bool:
+    """Nothing the ops do not give: attention weights, dropout, gradients (they are inference-only: they raise under
+    grad mode when an input requires grad)."""
     if attentions_requested(kwargs) or (module.training and module.attention_dropout > 0):
         return False
     return not (torch.is_grad_enabled()
                 and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+def _op_can_serve(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
+    """A mask that sees exactly the cached tokens (and causally the new ones), and nothing the ops do not give."""
+    return plan.mask_matches_cache and needs_only_what_the_ops_give(module, hidden_states, kwargs)
 
 
 def can_fuse(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:

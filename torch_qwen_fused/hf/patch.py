@@ -14,6 +14,10 @@ instance, stay stock), hooks its base model to plan each step in a ``PagedKVCach
   normed, roped K and raw V into the pools (padding is dropped) and returns the seen positions in
   ``DynamicCache``'s layout, so stock's masks and attention weights come out as stock's.
 
+With HF's continuous-batching ``PagedAttentionCache`` (``generate_batch``, ``init_continuous_batching``,
+``transformers serve --continuous-batching``) each step of each layer is one ``fa_fused`` (all decode) or
+``fa_fused_varlen`` call on HF's own pages (``continuous_batching.py``), and HF's block-table decode path is on.
+
 Any other cache (``DynamicCache``, ``StaticCache``, none) runs the stock forward untouched.
 """
 
@@ -26,7 +30,9 @@ import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
 from .cache import PagedKVCache
-from .decode import can_fuse, can_fuse_several, fused_decode, fused_several_tokens
+from .continuous_batching import (BatchStep, enable_block_table_decode, fused_batch_attention,
+                                  is_continuous_batching_cache, plan_batch_step)
+from .decode import can_fuse, can_fuse_several, fused_decode, fused_several_tokens, needs_only_what_the_ops_give
 from .rope import MIN_ROPE_TABLE, ModelRope
 from .tensor_parallel import local_head_counts
 
@@ -106,8 +112,10 @@ class PatchHandle:
         self._last_cache = None
         self._active = False
         self._rope = ModelRope(base, attentions[0].head_dim)
-        self._step_cache = None   # the PagedKVCache of the step between the base model's hooks
-        self._base_signature = inspect.signature(type(base).forward)
+        # The continuous-batching step between the base model's hooks (a PagedKVCache holds its own step's plan).
+        self._batch_step: Optional[BatchStep] = None
+        self._base_parameters = [name for name, parameter in inspect.signature(type(base).forward).parameters.items()
+                                 if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
 
     def __deepcopy__(self, memo):
         """Reached through the copied model's hooks and patched methods: the copy's handle, on its modules."""
@@ -188,6 +196,8 @@ class PatchHandle:
         self._hooks.append(self._base.register_forward_hook(self._end_step, with_kwargs=True))
         if hasattr(self.model, "_prepare_cache_for_generation"):
             self._install(self.model, "_prepare_cache_for_generation", "_prepare_cache")
+        if hasattr(self.model, "init_continuous_batching"):
+            self._install(self.model, "init_continuous_batching", "_init_continuous_batching")
         self._active = True
 
     def _install(self, owner, name, method):
@@ -228,14 +238,27 @@ class PatchHandle:
             model_kwargs["cache"] = self.new_cache(rows, max_cache_length)
         return result
 
+    def _init_continuous_batching(self, model, original, generation_config=None, continuous_batching_config=None,
+                                  workload_hints=None):
+        """HF's continuous-batching manager, with its block-table decode path on (HF turns it off but for flash
+        attention on CUDA/XPU; the fused decode reads the block table)."""
+        manager = original(generation_config=generation_config, continuous_batching_config=continuous_batching_config,
+                           workload_hints=workload_hints)
+        if self._active:
+            enable_block_table_decode(manager, continuous_batching_config, workload_hints)
+        return manager
+
     # ------------------------------------------------------------------ per step (hooks on the base model)
     def _begin_step(self, module, args, kwargs):
-        """Plans the step in its PagedKVCache (if it has one), once for all layers, from the base model's
-        arguments (Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, ...))."""
-        given = self._base_signature.bind_partial(module, *args, **kwargs).arguments
-        cache = given.get("cache")
-        if cache is None:
-            cache = given.get("kwargs", {}).get("past_key_values")   # the deprecated name
+        """Plans the step once for all layers, in its PagedKVCache or from HF's continuous-batching arguments, from
+        the base model's arguments (Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+        use_cache, **kwargs))."""
+        given, cache = self._step_arguments(args, kwargs)
+        tokens = given.get("input_ids")
+        tokens = tokens if tokens is not None else given.get("inputs_embeds")
+        if is_continuous_batching_cache(cache):
+            self._batch_step = plan_batch_step(cache, given, tokens.shape[1])
+            return None
         if not isinstance(cache, PagedKVCache):
             return None
         if cache.num_kv_heads != self.num_kv_heads:
@@ -243,25 +266,45 @@ class PatchHandle:
                              f"layer, this model's attention has {self.num_kv_heads} (on this rank, under tensor "
                              f"parallelism); build it with the patch handle's new_cache() or PagedKVCache(config, "
                              f"num_kv_heads={self.num_kv_heads})")
-        tokens = given.get("input_ids")
-        tokens = tokens if tokens is not None else given.get("inputs_embeds")
         weight = self._weight
         plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
                                    position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device)
         self._rope.ensure(int(plan.positions.max()) + 1)
-        self._step_cache = cache
         return None
 
     def _end_step(self, module, args, kwargs, output):
-        cache, self._step_cache = self._step_cache, None
-        if cache is not None and cache.current_plan is not None:
+        """Commits the step in its PagedKVCache (the cache owns its plan), or drops the continuous-batching one."""
+        self._batch_step = None
+        cache = self._step_arguments(args, kwargs)[1]
+        if isinstance(cache, PagedKVCache) and cache.current_plan is not None:
             cache.end_forward()
         return None
+
+    def _step_arguments(self, args, kwargs) -> tuple:
+        """(the base model's arguments by name, its cache). Bound by zipping the names read once: binding a signature
+        at each step would graph-break under torch.compile (inspect's mapping proxy)."""
+        given = dict(zip(self._base_parameters, args))
+        given.update(kwargs)
+        cache = given.get("cache")
+        return given, cache if cache is not None else given.get("past_key_values")   # the deprecated name
 
     # ------------------------------------------------------------------ the patched attention forward
     def _attention_forward(self, module, original, hidden_states, position_embeddings=None, attention_mask=None,
                            cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        step = self._batch_step
+        if self._active and step is not None and cache is step.cache:
+            if needs_only_what_the_ops_give(module, hidden_states, kwargs):
+                if step.decode:
+                    self.fused_calls += 1
+                else:
+                    self.varlen_calls += 1
+                return fused_batch_attention(module, hidden_states, position_embeddings, step)
+            if step.block_table_path:
+                raise NotImplementedError(
+                    f"layer {module.layer_idx}: a continuous-batching decode step of a patched model needs the fused "
+                    "op (HF's block-table decode path is on), but this step asks for what it does not give "
+                    "(attention weights, dropout or gradients)")
         if not (self._active and isinstance(cache, PagedKVCache)):
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         plan = cache.current_plan

@@ -18,9 +18,9 @@ import torch
 
 from . import compat
 from .kernel import KernelConfig, KernelTiles, build_kernel
-from ..eager import default_positions, default_slot_mapping
+from ...paged import default_positions, default_slot_mapping
 
-__all__ = ["fa_fused_pypto", "prepare", "kernel_config", "refuse_scaled_caches"]
+__all__ = ["fa_fused_pypto", "prepare", "kernel_config", "refuse_unsupported_caches"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _kernels: dict = {}
@@ -51,13 +51,20 @@ def prepare(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, b
             positions.to(torch.int32).contiguous(), slot_mapping.to(torch.int32).contiguous(), out)
 
 
-def refuse_scaled_caches(k_cache, k_scale, v_scale, where: str) -> None:
-    """The pypto kernel reads fp32/fp16/bf16 caches as they are: no fp8, no k_scale/v_scale (yet)."""
+def refuse_unsupported_caches(k_cache, v_cache, k_scale, v_scale, where: str) -> None:
+    """The pypto kernel reads fp32/fp16/bf16 caches as they are: no fp8, no k_scale/v_scale (yet), and contiguous
+    pools only (its cache tensors are dense [num_blocks * block_size, Hkv * D]; the op also takes blocks further apart
+    than their size)."""
     if k_cache.dtype not in _DTYPE_NAMES or k_scale is not None or v_scale is not None:
         raise ValueError(f"fa_fused: {where} (the pypto kernel) takes float32/float16/bfloat16 caches without "
                          f"k_scale/v_scale, got a {k_cache.dtype} cache"
                          f"{' and scales' if k_scale is not None or v_scale is not None else ''}; fp8 caches run "
                          "on the CPU and eager backends")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not cache.is_contiguous():
+            raise ValueError(f"fa_fused: {where} (the pypto kernel) takes contiguous caches, got {name} with strides "
+                             f"{tuple(cache.stride())}; caches whose blocks lie further apart run on the CPU and "
+                             "eager backends")
 
 
 def _replay_kernel(config: KernelConfig):
@@ -84,7 +91,7 @@ def fa_fused_pypto(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_c
         raise ValueError(f"fa_fused: backend='pypto' replays the pypto kernel on the CPU and needs CPU "
                          f"tensors, got q on {q.device}")
     torch.ops.qwen.fa_fused_check(*args, k_scale, v_scale)
-    refuse_scaled_caches(k_cache, k_scale, v_scale, "backend='pypto'")
+    refuse_unsupported_caches(k_cache, v_cache, k_scale, v_scale, "backend='pypto'")
     if q.shape[0] == 0:
         return torch.empty_like(q)
     kernel_args = prepare(*args)
