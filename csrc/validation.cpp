@@ -194,6 +194,7 @@ bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
 // at d + j * stride (d: b's start minus a's); they overlap iff |d + m * stride| < extent for m = j - i in
 // [-(n - 1), n - 1]. That distance is convex in m, so the m nearest -d / stride (clamped) decide.
 bool blocks_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_meta() || b.is_meta()) return false;  // no bytes
   const int64_t n = a.size(0);
   const int64_t stride = a.stride(0) * a.element_size();
   const int64_t extent = a.select(0, 0).numel() * a.element_size();
