@@ -282,8 +282,8 @@ void prepare_and_write(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Pass 3, per (new token, query head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c over the row's
-// chunks (acc_c comes times 2^-e_c, l_c < 2^e_c <= 2 l_c: the factors are computed first, so that no partial
-// sum exceeds the largest V) (those past the token's own context index hold m = -inf, l = 0 and weigh 0); the partial
+// chunks (those past the token's own context index hold m = -inf, l = 0 and weigh 0). acc_c comes times
+// sum_scale(l_c); each chunk's factor is computed first, so that no partial sum exceeds the largest V. The partial
 // outputs are in paired order if `paired`.
 template <typename scalar_t>
 void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_scale, bool paired, at::Tensor& out) {
@@ -291,7 +291,7 @@ void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_
   scalar_t* dst = out.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, kMinParallelValues / (head_dim * p.num_chunks));
   at::parallel_for(0, tokens * p.num_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> merged(head_dim);
+    std::vector<float> merged(head_dim), chunk_weights(p.num_chunks);
     for (int64_t th = begin; th < end; ++th) {
       const int64_t t = th / p.num_heads, h = th % p.num_heads;
       const int64_t b = layout.row_of[t];
@@ -303,13 +303,13 @@ void merge_chunks(const AttentionProblem& p, const QueryLayout& layout, float v_
       float denominator = 0.f;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t partial = p.partial_index(b, h / group, c) + query;
-        denominator += std::exp(p.partial_max[partial] - global_max) * p.partial_sum[partial];
+        chunk_weights[c] = std::exp(p.partial_max[partial] - global_max);
+        denominator += chunk_weights[c] * p.partial_sum[partial];
       }
       std::fill(merged.begin(), merged.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t partial = p.partial_index(b, h / group, c) + query;
-        const float weight =
-            std::exp(p.partial_max[partial] - global_max) / denominator / sum_scale(p.partial_sum[partial]);
+        const float weight = chunk_weights[c] / denominator / sum_scale(p.partial_sum[partial]);
         const float* acc = p.partial_out + partial * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * acc[i];
       }
