@@ -30,6 +30,8 @@ from transformers.generation.continuous_batching.cache import PagedAttentionCach
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.initialization import resolve_using_hints, resolve_without_hints
 
+from .decode import project_qkv
+
 __all__ = ["BatchStep", "is_continuous_batching_cache", "plan_batch_step", "fused_batch_attention",
            "enable_block_table_decode", "layer_pages"]
 
@@ -134,9 +136,7 @@ def fused_batch_attention(module, hidden_states: torch.Tensor, position_embeddin
     shape = hidden_states.shape[:-1]
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     head_dim = module.head_dim
-    query = module.q_proj(flat).view(flat.shape[0], -1, head_dim)
-    key = module.k_proj(flat).view(flat.shape[0], -1, head_dim)
-    value = module.v_proj(flat).view(flat.shape[0], -1, head_dim)
+    query, key, value = project_qkv(module, flat)
     k_cache, v_cache = layer_pages(step.allocator, module.layer_idx)
     cos, sin = (table.reshape(-1, head_dim) for table in position_embeddings)
     common = dict(positions=step.positions, slot_mapping=step.slot_mapping, eps=module.q_norm.variance_epsilon,

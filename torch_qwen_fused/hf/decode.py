@@ -5,7 +5,8 @@ from transformers.utils.output_capturing import _active_collector
 
 from .step import StepPlan
 
-__all__ = ["can_fuse", "can_fuse_several", "fused_decode", "fused_several_tokens", "needs_only_what_the_ops_give"]
+__all__ = ["can_fuse", "can_fuse_several", "fused_decode", "fused_several_tokens", "needs_only_what_the_ops_give",
+           "project_qkv"]
 
 
 def attentions_requested(kwargs) -> bool:
@@ -45,15 +46,20 @@ def can_fuse_several(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs
     return plan.has_past and _op_can_serve(module, hidden_states, plan, kwargs)
 
 
+def project_qkv(module, tokens: torch.Tensor) -> tuple:
+    """(query, key, value) of ``tokens`` [N, ...hidden] as [N, heads, head_dim] each: the layer's projections,
+    before qk-norm and RoPE (the ops apply those)."""
+    head_dim = module.head_dim
+    return tuple(projection(tokens).view(tokens.shape[0], -1, head_dim)
+                 for projection in (module.q_proj, module.k_proj, module.v_proj))
+
+
 def fused_decode(module, hidden_states: torch.Tensor, cache, plan: StepPlan, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple:
     """Qwen3 attention of one new token per row: the projections, one ``fa_fused`` call (qk-norm, RoPE at HF's
     position ids, the cache write, paged attention) and ``o_proj``. Returns stock's (output, no weights)."""
     batch = hidden_states.shape[0]
-    head_dim = module.head_dim
-    query = module.q_proj(hidden_states).view(batch, -1, head_dim)
-    key = module.k_proj(hidden_states).view(batch, -1, head_dim)
-    value = module.v_proj(hidden_states).view(batch, -1, head_dim)
+    query, key, value = project_qkv(module, hidden_states)
     layer = cache.layers[module.layer_idx]
     out = torch.ops.qwen.fa_fused(
         query, key, value, module.q_norm.weight, module.k_norm.weight, cos, sin,
@@ -69,13 +75,10 @@ def fused_several_tokens(module, hidden_states: torch.Tensor, cache, plan: StepP
     packed row after row (each row's are the last of its cached context, as the op takes them); padding tokens
     are neither written nor attended to, and their outputs are zeros (HF discards them)."""
     batch, length = hidden_states.shape[:2]
-    head_dim = module.head_dim
     flat = hidden_states.reshape(batch * length, -1)
     if plan.real_index is not None:
         flat = flat.index_select(0, plan.real_index)
-    query = module.q_proj(flat).view(flat.shape[0], -1, head_dim)
-    key = module.k_proj(flat).view(flat.shape[0], -1, head_dim)
-    value = module.v_proj(flat).view(flat.shape[0], -1, head_dim)
+    query, key, value = project_qkv(module, flat)
     layer = cache.layers[module.layer_idx]
     out = torch.ops.qwen.fa_fused_varlen(
         query, key, value, module.q_norm.weight, module.k_norm.weight, cos, sin,
