@@ -4,7 +4,7 @@
 * ``decode.py``: when one ``fa_fused`` call serves a layer's step, and that call;
 * ``rope.py``: the model's RoPE tables in fp32, as the op reads them;
 * ``cache.py``: ``PagedKVCache``, the transformers ``Cache`` over paged block pools;
-* ``step.py``: the plan of one forward step through it; ``blocks.py``: its block table and allocator.
+* ``step.py``: the plan of one forward step through it (``plan_step``); ``blocks.py``: its block table and allocator.
 
 Importing this package imports transformers (the rest of torch_qwen_fused does not).
 """

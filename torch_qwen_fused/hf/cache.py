@@ -17,23 +17,24 @@ never stored, so three things are kept:
 ``layers[i].keys`` / ``.values`` are what HF code expects of a cache layer, ``[batch, num_kv_heads, seen,
 head_dim]``, gathered from the pools on demand (zeros at positions that hold no token).
 
-A forward step is bracketed by ``begin_forward`` (plans the step once for all layers: which new tokens
-are real, their RoPE positions, their cache slots; allocates the blocks, or raises ``OutOfBlocksError``
-before anything is touched) and ``end_forward`` (commits the lengths). ``torch_qwen_fused.hf.patch_model``
+A forward step is bracketed by ``begin_forward`` (``step.plan_step`` plans it once for all layers: which new
+tokens are real, their RoPE positions, their cache slots; it allocates the blocks, or raises
+``OutOfBlocksError`` before anything is touched; the cache holds the plan) and ``end_forward`` (commits the
+lengths). ``torch_qwen_fused.hf.patch_model``
 installs both as hooks on the model; a step that fails in between is rolled back at the next
 ``begin_forward``.
 """
 
 import copy
 import weakref
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import pools
 from .blocks import BlockAllocator, BlockTable, OutOfBlocksError
-from .step import StepPlan, mask_sees_exactly, real_new_tokens
+from .step import StepPlan, plan_step
 from .tensor_parallel import local_kv_heads
 
 __all__ = ["PagedKVCache", "PagedLayer"]
@@ -361,6 +362,32 @@ class PagedKVCache(Cache):
         self._seq_lens = stored.sum(dim=1, dtype=torch.int32)
         self._table.truncate(self._seq_lens.tolist(), self._allocator)
 
+    def open_rows(self, batch_size: int, device) -> None:
+        """For a step of ``batch_size`` rows: an empty cache takes that many rows; a filled one must hold them."""
+        if self.get_seq_length() == 0 and not any(self._table.rows):
+            self._table.reset(batch_size)
+            self._seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            self._stored = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        elif batch_size != len(self._table):
+            raise ValueError(f"PagedKVCache: this step has batch size {batch_size} but the cache holds "
+                             f"{len(self._table)} rows (use batch_select_indices / reset to change it)")
+
+    def reserve_blocks(self, lengths: Sequence[int], dtype, device, what: Callable[[], str]) -> list:
+        """Gives each row the blocks ``lengths[row]`` tokens need (allocating the pools at the first step, growing
+        a growable one); returns [(row, block)] added, or raises ``OutOfBlocksError`` (saying ``what()`` needed
+        them) with nothing changed."""
+        missing = self._table.missing_blocks(lengths)
+        need = sum(missing)
+        if self._allocator is None:
+            self._allocate_pool(need + len(self._table), dtype, device)
+        if need > self._allocator.num_free:
+            self._make_room(need - self._allocator.num_free, what())
+        return self._table.grow(missing, self._allocator)
+
+    def slots(self, logical: torch.Tensor) -> torch.Tensor:
+        """Flat pool slot of each row's logical token indices [rows, n] (each within the row's blocks)."""
+        return self._table.slots(logical)
+
     def _gather_rows(self, index: torch.Tensor) -> None:
         """New row i = old row index[i]. A row taken once keeps its blocks; a repeated one gets copies."""
         self._rollback()
@@ -380,70 +407,22 @@ class PagedKVCache(Cache):
         self._seq_lens = self._seq_lens[rows]
         self._stored = self._stored[rows]
 
-    # ------------------------------------------------------------------ one forward step
+    # ------------------------------------------------------------------ one forward step (planned in step.py)
     def begin_forward(self, batch_size: int, query_length: int, attention_mask: Optional[torch.Tensor] = None,
                       position_ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
                       device=None) -> StepPlan:
-        """Plans a forward step of ``query_length`` new tokens per row, for all layers.
-
-        attention_mask [optional]: the 2-D HF mask (batch, seen + query_length) (or (batch, query_length));
-            its last ``query_length`` columns say which new tokens are real, and its first ``seen`` ones must
-            not mark real a position that holds no token (padding, a freed row). A 4-D mask is read on its
-            diagonal. None: all new tokens are real, and so must be all seen positions.
-        position_ids [optional]: (batch or 1, query_length), the new tokens' RoPE positions; default
-            ``get_seq_length() + arange(query_length)``, as HF does.
-        dtype, device: of the pools if they are not allocated yet (the constructor's take precedence).
-
-        Allocates the blocks the real new tokens need (all rows at once) or raises ``OutOfBlocksError`` with
-        nothing changed. The returned plan is also ``current_plan`` until ``end_forward``.
-        """
+        """Plans a forward step of ``query_length`` new tokens per row, for all layers: ``step.plan_step`` (what
+        ``attention_mask`` and ``position_ids`` say; the blocks it allocates, or ``OutOfBlocksError`` with nothing
+        changed). dtype, device: of the pools if they are not allocated yet (the constructor's take precedence).
+        The plan is ``current_plan`` until ``end_forward``; a step that never commits is undone at the next
+        ``begin_forward`` (or ``crop``, ``reset``, a row change)."""
         self._rollback()
         if dtype is not None:
             self._model_dtype = dtype
         device = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
         if self._allocator is not None:
             device = self.layers[0].k_cache.device
-        seen = self.get_seq_length()
-        real = real_new_tokens(attention_mask, batch_size, query_length, device)
-        if position_ids is None:
-            positions = torch.arange(query_length, device=device) + seen
-            positions = positions.unsqueeze(0).expand(batch_size, -1)
-        else:
-            if position_ids.dim() != 2 or position_ids.shape[-1] != query_length:
-                raise ValueError(f"PagedKVCache: position_ids must have shape [batch, {query_length}], "
-                                 f"got {list(position_ids.shape)}")
-            positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1)
-
-        if seen == 0 and not any(self._table.rows):    # empty: (re)shape the rows
-            self._table.reset(batch_size)
-            self._seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-            self._stored = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        elif batch_size != len(self._table):
-            raise ValueError(f"PagedKVCache: this step has batch size {batch_size} but the cache holds "
-                             f"{len(self._table)} rows (use batch_select_indices / reset to change it)")
-        mask_matches_cache = mask_sees_exactly(attention_mask, self._stored, query_length)
-
-        past = self._seq_lens.to(device=device, dtype=torch.long)
-        new_counts = real.sum(dim=1)
-        totals = past + new_counts
-        missing = self._table.missing_blocks(totals.tolist())
-        need = sum(missing)
-        if self._allocator is None:
-            self._allocate_pool(need + batch_size, dtype, device)
-        if need > self._allocator.num_free:
-            self._make_room(need - self._allocator.num_free, f"a step of {query_length} token(s) per row "
-                            f"(rows now hold {past.tolist()} tokens, {new_counts.tolist()} new)")
-        new_blocks = self._table.grow(missing, self._allocator)
-
-        index = past.unsqueeze(1) + real.cumsum(dim=1) - 1                      # logical index per token
-        slots = torch.where(real, self._table.slots(index.clamp(min=0)), -1)
-        all_real = bool(real.all())
-        real_index = None if all_real else real.reshape(-1).nonzero().squeeze(1)
-        real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
-        self._plan = StepPlan(query_length=query_length, seen=seen, real=real, all_real=all_real,
-                              positions=positions, past_lens=past, seq_lens=totals.to(torch.int32), slots=slots,
-                              real_index=real_index, real_slots=real_slots, mask_matches_cache=mask_matches_cache,
-                              new_blocks=new_blocks)
+        self._plan = plan_step(self, batch_size, query_length, attention_mask, position_ids, dtype, device)
         return self._plan
 
     def end_forward(self) -> None:

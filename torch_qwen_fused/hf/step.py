@@ -1,6 +1,7 @@
 """One forward step through a ``PagedKVCache``: what it writes and whether the fused decode can serve it.
 
-``PagedKVCache.begin_forward`` builds the ``StepPlan`` once for all layers from HF's mask and position ids.
+``plan_step`` builds the ``StepPlan`` once for all layers from HF's mask and position ids, taking the blocks it
+needs from the cache's rows; ``PagedKVCache.begin_forward`` calls it and holds the plan until ``end_forward``.
 """
 
 from dataclasses import dataclass
@@ -8,12 +9,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ["StepPlan", "real_new_tokens", "mask_sees_exactly"]
+__all__ = ["StepPlan", "plan_step", "real_new_tokens", "mask_sees_exactly"]
 
 
 @dataclass
 class StepPlan:
-    """What one forward step writes, computed once for all layers by ``PagedKVCache.begin_forward``."""
+    """What one forward step writes, computed once for all layers by ``plan_step``."""
 
     query_length: int
     seen: int                    # positions seen per row before this step (padding included)
@@ -53,6 +54,48 @@ class StepPlan:
         """[B + 1] int32: where each row's real new tokens start among the packed ones (fa_fused_varlen's)."""
         counts = self.real.sum(dim=1, dtype=torch.int32)
         return torch.cat((counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)))
+
+
+def plan_step(cache, batch_size: int, query_length: int, attention_mask: Optional[torch.Tensor],
+              position_ids: Optional[torch.Tensor], dtype: Optional[torch.dtype], device) -> StepPlan:
+    """Plans a forward step of ``query_length`` new tokens per row of ``cache`` (a ``PagedKVCache``), for all layers.
+
+    attention_mask [optional]: the 2-D HF mask (batch, seen + query_length) (or (batch, query_length)); its last
+        ``query_length`` columns say which new tokens are real, and its first ``seen`` ones must not mark real a
+        position that holds no token (padding, a freed row). A 4-D mask is read on its diagonal. None: all new
+        tokens are real, and so must be all seen positions.
+    position_ids [optional]: (batch or 1, query_length), the new tokens' RoPE positions; default
+        ``get_seq_length() + arange(query_length)``, as HF does.
+    dtype, device: of the pools if the cache has not allocated them yet; ``device`` also of the plan's tensors.
+
+    Gives the rows the blocks their real new tokens need (all rows at once) or raises ``OutOfBlocksError`` with
+    nothing changed; the plan's ``new_blocks`` lists them, for the cache to undo a step that never commits.
+    """
+    seen = cache.get_seq_length()
+    real = real_new_tokens(attention_mask, batch_size, query_length, device)
+    if position_ids is None:
+        positions = (torch.arange(query_length, device=device) + seen).unsqueeze(0).expand(batch_size, -1)
+    elif position_ids.dim() != 2 or position_ids.shape[-1] != query_length:
+        raise ValueError(f"PagedKVCache: position_ids must have shape [batch, {query_length}], "
+                         f"got {list(position_ids.shape)}")
+    else:
+        positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1)
+    cache.open_rows(batch_size, device)
+    mask_matches_cache = mask_sees_exactly(attention_mask, cache.stored_positions, query_length)
+
+    past = cache.seq_lens.to(device=device, dtype=torch.long)
+    totals = past + real.sum(dim=1)
+    new_blocks = cache.reserve_blocks(totals.tolist(), dtype, device, lambda: (
+        f"a step of {query_length} token(s) per row (rows now hold {past.tolist()} tokens, "
+        f"{(totals - past).tolist()} new)"))
+    index = past.unsqueeze(1) + real.cumsum(dim=1) - 1                      # logical index per token
+    slots = torch.where(real, cache.slots(index.clamp(min=0)), -1)
+    all_real = bool(real.all())
+    real_index = None if all_real else real.reshape(-1).nonzero().squeeze(1)
+    real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
+    return StepPlan(query_length=query_length, seen=seen, real=real, all_real=all_real, positions=positions,
+                    past_lens=past, seq_lens=totals.to(torch.int32), slots=slots, real_index=real_index,
+                    real_slots=real_slots, mask_matches_cache=mask_matches_cache, new_blocks=new_blocks)
 
 
 def real_new_tokens(attention_mask, batch_size: int, query_length: int, device) -> torch.Tensor:
