@@ -33,10 +33,11 @@ def prompts():
     return inputs
 
 
-def generate_batch(model, **config):
+def generate_batch(model, persistent_manager=False, **config):
     generation_config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1)
     config = ContinuousBatchingConfig(page_size=PAGE_SIZE, num_blocks=NUM_BLOCKS, **config)
-    outputs = model.generate_batch(prompts(), generation_config=generation_config, continuous_batching_config=config)
+    outputs = model.generate_batch(prompts(), generation_config=generation_config, continuous_batching_config=config,
+                                   persistent_manager=persistent_manager)
     return [output.generated_tokens for output in outputs.values()]
 
 
@@ -96,3 +97,46 @@ def test_removed_patch_leaves_generate_batch_stock(monkeypatch):
     stock_updates = Calls(monkeypatch, PagedAttentionCache, "update")
     generate_batch(model)
     assert block_tables.count == 0 and stock_updates.count > 0
+
+
+def test_removed_patch_gives_a_kept_manager_back_to_stock(monkeypatch):
+    # A manager kept on the model (persistent_manager=True) was built with the block-table decode path the patch turned
+    # on; stock attention cannot serve that path (it neither writes the cache nor reads the table), so removing the
+    # patch must give the manager HF's setting back.
+    model = qwen3_model(LAYOUT)
+    stock = generate_batch(model)
+    with patch_model(model) as handle:
+        assert generate_batch(model, persistent_manager=True) == stock
+        assert handle.fused_calls > 0
+    kept = model._cached_continuous_batching_manager
+    block_tables = Calls(monkeypatch, PagedAttentionCache, "fill_block_table")
+    stock_updates = Calls(monkeypatch, PagedAttentionCache, "update")
+    try:
+        assert generate_batch(model, persistent_manager=True) == stock
+        assert model._cached_continuous_batching_manager is kept
+        assert block_tables.count == 0 and stock_updates.count > 0
+        stock_steps = stock_updates.count
+        # Patched again: the manager kept by the stock run keeps its batch processor, without the block table; its
+        # steps are fused from HF's indices.
+        with patch_model(model) as handle:
+            assert generate_batch(model, persistent_manager=True) == stock
+            assert handle.fused_calls > 0 and stock_updates.count == stock_steps
+    finally:
+        model.destroy_cached_continuous_batching_manager()
+
+
+def test_patch_is_not_removed_under_a_running_manager():
+    model = qwen3_model(LAYOUT)
+    handle = patch_model(model)
+    manager = model.init_continuous_batching(continuous_batching_config=ContinuousBatchingConfig(
+        page_size=PAGE_SIZE, num_blocks=NUM_BLOCKS))
+    manager.start()
+    try:
+        with pytest.raises(RuntimeError, match="running"):
+            handle.remove()
+        assert handle.active
+    finally:
+        manager.stop(block=True, timeout=10)
+    handle.remove()
+    assert not handle.active and manager.continuous_batching_config.max_blocks_per_request == 0
+    manager.destroy()

@@ -33,7 +33,7 @@ from transformers.generation.continuous_batching.initialization import resolve_u
 from .decode import project_qkv
 
 __all__ = ["BatchStep", "is_continuous_batching_cache", "plan_batch_step", "fused_batch_attention",
-           "enable_block_table_decode", "layer_pages"]
+           "enable_block_table_decode", "disable_block_table_decode", "layer_pages"]
 
 _PAGES = weakref.WeakKeyDictionary()   # allocator -> {layer_idx: (k_cache, v_cache)}
 
@@ -151,16 +151,28 @@ def fused_batch_attention(module, hidden_states: torch.Tensor, position_embeddin
     return module.o_proj(out.reshape(*shape, -1)), None
 
 
-def enable_block_table_decode(manager, requested_config, workload_hints) -> None:
+def enable_block_table_decode(manager, requested_config, workload_hints) -> bool:
     """Turns HF's decode fast path (a block table instead of read/write indices) on for a manager that HF resolved
     without it (every device but CUDA/XPU with flash attention), sized as HF would have sized it. Left alone when the
-    user asked for ``max_blocks_per_request=0`` or the manager's cache already exists (a reused manager)."""
+    user asked for ``max_blocks_per_request=0`` or the manager's cache already exists (a reused manager). Returns
+    whether it turned the path on (then ``disable_block_table_decode`` turns it off)."""
     config = manager.continuous_batching_config
     if config.max_blocks_per_request or manager.batch_processor is not None:
-        return
+        return False
     if requested_config is not None and requested_config.max_blocks_per_request == 0:
-        return
+        return False
     wanted = copy.deepcopy(requested_config) if requested_config is not None else ContinuousBatchingConfig()
     resolve_using_hints(wanted, workload_hints)
     resolve_without_hints(wanted)
     config.max_blocks_per_request = wanted.max_blocks_per_request
+    return bool(config.max_blocks_per_request)
+
+
+def disable_block_table_decode(manager) -> None:
+    """Gives a manager that ``enable_block_table_decode`` turned on HF's setting back (the path off), for stock
+    attention, which can serve neither the block table nor a cache sized for it: its config, and a new batch
+    processor (cache, inputs) at its next start, as HF builds for a manager that is not kept. The manager must not be
+    running (its generation thread holds its batch processor)."""
+    manager.continuous_batching_config.max_blocks_per_request = 0
+    manager.batch_processor = None
+    manager.warmed_up = False

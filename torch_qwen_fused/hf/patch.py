@@ -30,8 +30,8 @@ import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
 from .cache import PagedKVCache
-from .continuous_batching import (BatchStep, enable_block_table_decode, fused_batch_attention,
-                                  is_continuous_batching_cache, plan_batch_step)
+from .continuous_batching import (BatchStep, disable_block_table_decode, enable_block_table_decode,
+                                  fused_batch_attention, is_continuous_batching_cache, plan_batch_step)
 from .decode import can_fuse, can_fuse_several, fused_decode, fused_several_tokens, needs_only_what_the_ops_give
 from .rope import MIN_ROPE_TABLE, ModelRope
 from .tensor_parallel import local_head_counts
@@ -114,6 +114,7 @@ class PatchHandle:
         self._rope = ModelRope(base, attentions[0].head_dim)
         # The continuous-batching step between the base model's hooks (a PagedKVCache holds its own step's plan).
         self._batch_step: Optional[BatchStep] = None
+        self._managers = []       # weak references to the continuous-batching managers whose decode path it turned on
         self._base_parameters = [name for name, parameter in inspect.signature(type(base).forward).parameters.items()
                                  if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
 
@@ -124,6 +125,7 @@ class PatchHandle:
         for name, value in self.__dict__.items():
             copied.__dict__[name] = copy.deepcopy(value, memo)
         copied._last_cache = None
+        copied._managers = []
         if copied._active:
             _HANDLES[copied.model] = copied
             for module in copied._attentions:
@@ -205,9 +207,19 @@ class PatchHandle:
         setattr(owner, name, _PatchedMethod(self, method, owner, name))
 
     def remove(self) -> None:
-        """Restores the stock behaviour exactly (the original bound methods, no hooks). Idempotent."""
+        """Restores the stock behaviour exactly (the original bound methods, no hooks, HF's decode path setting on the
+        continuous-batching managers the patch built, kept ones included). Idempotent. Raises ``RuntimeError``, with
+        nothing changed, while such a manager is running: stop it first."""
         if not self._active:
             return
+        managers = [manager for manager in (ref() for ref in self._managers) if manager is not None]
+        if any(manager.is_running() for manager in managers):
+            raise RuntimeError("PatchHandle.remove: a continuous-batching manager built while patched is running, on "
+                               "the fused block-table decode path that stock attention cannot serve; stop it "
+                               "(manager.stop()) before removing the patch")
+        for manager in managers:
+            disable_block_table_decode(manager)
+        self._managers = []
         self._active = False
         for hook in self._hooks:
             hook.remove()
@@ -244,8 +256,8 @@ class PatchHandle:
         attention on CUDA/XPU; the fused decode reads the block table)."""
         manager = original(generation_config=generation_config, continuous_batching_config=continuous_batching_config,
                            workload_hints=workload_hints)
-        if self._active:
-            enable_block_table_decode(manager, continuous_batching_config, workload_hints)
+        if self._active and enable_block_table_decode(manager, continuous_batching_config, workload_hints):
+            self._managers.append(weakref.ref(manager))
         return manager
 
     # ------------------------------------------------------------------ per step (hooks on the base model)
