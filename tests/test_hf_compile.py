@@ -1,6 +1,8 @@
 """A patched model under ``torch.compile``: transformers' own compiled generation (a static cache,
 ``CompileConfig(fullgraph=True)``, what its ``test_generate_compile_model_forward_fullgraph`` runs) must trace the
-patched model's hooks and attention in one graph, compile once and give stock's tokens.
+patched model's hooks and attention in one graph, compile once and give stock's tokens; and with a ``PagedKVCache``
+(the fused path) each compiled decoder layer traces its patched attention, ``fa_fused`` included, in one graph for the
+prefill and one for every decode step (the step is planned by the base model's hook, outside the layers).
 
 The graphs are traced by dynamo and counted, not lowered: tracing is where a graph break or a recompile shows, and it
 keeps the test to seconds (inductor would spend them generating code).
@@ -12,7 +14,8 @@ import torch
 pytest.importorskip("transformers")
 
 from test_hf_patch import moe_model, prompts, qwen3_model  # noqa: E402
-from torch_qwen_fused.hf import patch_model  # noqa: E402
+from torch_qwen_fused.hf import patch_model, pools  # noqa: E402
+from torch_qwen_fused.hf.pools import grow  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
 MODELS = {"qwen3": lambda: qwen3_model((4, 2, 32, 64)), "qwen3_moe": moe_model}
@@ -52,3 +55,35 @@ def test_static_cache_generation_compiles_fullgraph_once(name):
         patched = compiled_generate(model, graphs)
     assert torch.equal(patched, stock)
     assert len(graphs.traced) == 1, "the decode steps were not one compiled graph"
+
+
+@pytest.mark.parametrize("growable", [False, True], ids=["sized", "growing"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_decode_layers_compile_fullgraph_once(monkeypatch, name, growable):
+    # block_size 4: every row takes a new block each 4 steps (the block table widens); a growing cache's pools are
+    # reallocated larger during the decode steps. Neither may recompile a layer.
+    model = MODELS[name]()
+    ids, mask = prompts("padded")
+    new_tokens = 12
+    growths = []
+    monkeypatch.setattr(pools, "grow", lambda layers, num_blocks: growths.append(grow(layers, num_blocks)))
+    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    torch._dynamo.reset()
+    graphs = Graphs()
+    layers = model.model.layers
+    with patch_model(model, block_size=4) as handle:
+        cache = handle.new_cache() if growable else None
+        try:
+            for layer in layers:
+                layer.compile(fullgraph=True, backend=graphs)
+            patched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                     cache=cache)
+        finally:
+            for layer in layers:
+                layer._compiled_call_impl = None
+    assert torch.equal(patched, stock)
+    assert handle.fused_calls == len(layers) * (new_tokens - 1)
+    assert bool(growths) == growable
+    # Per layer: one graph for the prefill (stock attention writing the paged cache), one for all the decode steps.
+    assert len(graphs.traced) == 2 * len(layers), "a decode step recompiled a layer"
+    assert all("fa_fused" in str(graph.graph) for graph in graphs.traced[len(layers):])

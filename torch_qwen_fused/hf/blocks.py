@@ -139,9 +139,12 @@ class BlockTable:
         return slots_of(self.tensor.to(logical.device), logical, self.block_size)
 
     def _rebuild(self) -> None:
-        width = max([len(blocks) for blocks in self.rows] + [1])
+        # Its width grows with the rows: dynamic to torch.compile from the start (a compiled layer is not recompiled
+        # when a row takes one more block), and at least 2 (compile specializes sizes 0 and 1).
+        width = max([len(blocks) for blocks in self.rows] + [2])
         table = torch.zeros(len(self.rows), width, dtype=torch.int32)
         for row, blocks in enumerate(self.rows):
             if blocks:
                 table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.tensor = table.to(self.tensor.device)
+        torch._dynamo.maybe_mark_dynamic(self.tensor, 1)

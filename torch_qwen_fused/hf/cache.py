@@ -410,10 +410,11 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ one forward step (planned in step.py)
     def begin_forward(self, batch_size: int, query_length: int, attention_mask: Optional[torch.Tensor] = None,
                       position_ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-                      device=None) -> StepPlan:
+                      device=None, output_attentions: bool = False) -> StepPlan:
         """Plans a forward step of ``query_length`` new tokens per row, for all layers: ``step.plan_step`` (what
         ``attention_mask`` and ``position_ids`` say; the blocks it allocates, or ``OutOfBlocksError`` with nothing
         changed). dtype, device: of the pools if they are not allocated yet (the constructor's take precedence).
+        output_attentions: the step returns attention weights (its layers run the stock attention).
         The plan is ``current_plan`` until ``end_forward``; a step that never commits is undone at the next
         ``begin_forward`` (or ``crop``, ``reset``, a row change)."""
         self._rollback()
@@ -422,7 +423,8 @@ class PagedKVCache(Cache):
         device = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
         if self._allocator is not None:
             device = self.layers[0].k_cache.device
-        self._plan = plan_step(self, batch_size, query_length, attention_mask, position_ids, dtype, device)
+        self._plan = plan_step(self, batch_size, query_length, attention_mask, position_ids, dtype, device,
+                               output_attentions)
         return self._plan
 
     def end_forward(self) -> None:

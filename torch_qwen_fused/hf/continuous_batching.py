@@ -21,7 +21,7 @@ is one layer's call. Prefix-shared blocks stay shared: the table points at whate
 
 import copy
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -51,6 +51,8 @@ class BatchStep:
     block_table: torch.Tensor        # [B, max_blocks] int32 block ids
     slot_mapping: Optional[torch.Tensor]  # [T] int64, None: the op's default (from the table, decode path)
     positions: torch.Tensor          # [T] int64: row t of the step's cos/sin
+    output_attentions: bool = False  # the step returns attention weights
+    layer_calls: list = field(default_factory=list)  # per layer: the op its attention called, or None
 
 
 def is_continuous_batching_cache(cache) -> bool:
@@ -90,7 +92,7 @@ def _first_token_of_each_page(index: torch.Tensor, starts: torch.Tensor, ends: t
     return index[positions]
 
 
-def plan_batch_step(cache, kwargs: dict, num_tokens: int) -> Optional[BatchStep]:
+def plan_batch_step(cache, kwargs: dict, num_tokens: int, output_attentions: bool = False) -> Optional[BatchStep]:
     """The op's arguments for this step, or None when the fused ops cannot serve it (another allocator than one
     full-attention group, padded inputs): those steps run HF's stock attention."""
     allocator = _full_attention_allocator(cache)
@@ -110,7 +112,8 @@ def plan_batch_step(cache, kwargs: dict, num_tokens: int) -> Optional[BatchStep]
     block_table = kwargs.get("block_table")
     if block_table is not None:
         table = (block_table[allocator.index].clamp(min=0) // _pages_per_block(allocator)).to(torch.int32)
-        return BatchStep(cache, allocator, True, True, seq_lens, query_start_loc, table, None, positions)
+        return BatchStep(cache, allocator, True, True, seq_lens, query_start_loc, table, None, positions,
+                         output_attentions, [None] * len(cache.layer_to_allocator))
     write = kwargs["write_index"][allocator.index]
     read = kwargs["read_index"][allocator.index]
     if write.numel() != num_tokens:
@@ -126,7 +129,7 @@ def plan_batch_step(cache, kwargs: dict, num_tokens: int) -> Optional[BatchStep]
         return None
     table = (first // stride).to(torch.int32)
     return BatchStep(cache, allocator, num_tokens == seq_lens.numel(), False, seq_lens, query_start_loc, table,
-                     slots, positions)
+                     slots, positions, output_attentions, [None] * len(cache.layer_to_allocator))
 
 
 def fused_batch_attention(module, hidden_states: torch.Tensor, position_embeddings: tuple,

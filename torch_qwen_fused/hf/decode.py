@@ -1,7 +1,6 @@
 """The decode step of a patched Qwen3 attention layer: when one ``fa_fused`` call can serve it, and that call."""
 
 import torch
-from transformers.utils.output_capturing import _active_collector
 
 from .step import StepPlan
 
@@ -9,21 +8,19 @@ __all__ = ["can_fuse", "can_fuse_several", "fused_decode", "fused_several_tokens
            "project_qkv"]
 
 
-def attentions_requested(kwargs) -> bool:
-    """Whether this forward must return attention weights: the ``output_attentions`` kwarg, or the output
-    collector that transformers' ``capture_outputs`` set up for this forward (from that kwarg or
-    ``config.output_attentions``). The collector is transformers 5.x's private context variable: there is no
-    public way to ask it."""
-    if kwargs.get("output_attentions"):
-        return True
-    collector = _active_collector.get()
-    return collector is not None and "attentions" in collector
+def output_attentions_requested(base_model, kwargs: dict) -> bool:
+    """Whether a forward of the base model (``Qwen3Model``) with these arguments returns attention weights: its
+    ``output_attentions`` argument, else its config's, as transformers' ``capture_outputs`` decides. Read once per step,
+    before the forward: the layers then need not ask ``capture_outputs``' collector, a context variable that
+    torch.compile cannot read."""
+    requested = kwargs.get("output_attentions")
+    return bool(requested if requested is not None else getattr(base_model.config, "output_attentions", False))
 
 
-def needs_only_what_the_ops_give(module, hidden_states: torch.Tensor, kwargs) -> bool:
-    """Nothing the ops do not give: attention weights, dropout, gradients (they are inference-only: they raise under
-    grad mode when an input requires grad)."""
-    if attentions_requested(kwargs) or (module.training and module.attention_dropout > 0):
+def needs_only_what_the_ops_give(module, hidden_states: torch.Tensor, step, kwargs) -> bool:
+    """Nothing the ops do not give: attention weights (the step's or this call's ``output_attentions``), dropout,
+    gradients (the ops are inference-only: they raise under grad mode when an input requires grad)."""
+    if step.output_attentions or kwargs.get("output_attentions") or (module.training and module.attention_dropout > 0):
         return False
     return not (torch.is_grad_enabled()
                 and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())))
@@ -31,7 +28,7 @@ def needs_only_what_the_ops_give(module, hidden_states: torch.Tensor, kwargs) ->
 
 def _op_can_serve(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:
     """A mask that sees exactly the cached tokens (and causally the new ones), and nothing the ops do not give."""
-    return plan.mask_matches_cache and needs_only_what_the_ops_give(module, hidden_states, kwargs)
+    return plan.mask_matches_cache and needs_only_what_the_ops_give(module, hidden_states, plan, kwargs)
 
 
 def can_fuse(module, hidden_states: torch.Tensor, plan: StepPlan, kwargs) -> bool:

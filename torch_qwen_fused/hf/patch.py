@@ -32,7 +32,8 @@ from .. import _C  # noqa: F401  (registers torch.ops.qwen.fa_fused)
 from .cache import PagedKVCache
 from .continuous_batching import (BatchStep, disable_block_table_decode, enable_block_table_decode,
                                   fused_batch_attention, is_continuous_batching_cache, plan_batch_step)
-from .decode import can_fuse, can_fuse_several, fused_decode, fused_several_tokens, needs_only_what_the_ops_give
+from .decode import (can_fuse, can_fuse_several, fused_decode, fused_several_tokens, needs_only_what_the_ops_give,
+                     output_attentions_requested)
 from .rope import MIN_ROPE_TABLE, ModelRope
 from .tensor_parallel import local_head_counts
 
@@ -84,7 +85,8 @@ class PatchHandle:
 
     Attributes:
         fused_calls: how many attention calls went through ``torch.ops.qwen.fa_fused`` (one per layer per
-            decode step: one new token per row).
+            decode step: one new token per row), counted when each step ends (a step records its layers' calls:
+            a compiled layer replays that record, not a counter's traced value).
         varlen_calls: how many went through ``torch.ops.qwen.fa_fused_varlen`` (one per layer per step of
             several new tokens over a cache that holds tokens: assisted decoding's verification, prefill chunks
             after the first).
@@ -268,8 +270,9 @@ class PatchHandle:
         given, cache = self._step_arguments(args, kwargs)
         tokens = given.get("input_ids")
         tokens = tokens if tokens is not None else given.get("inputs_embeds")
+        weights = output_attentions_requested(module, given)
         if is_continuous_batching_cache(cache):
-            self._batch_step = plan_batch_step(cache, given, tokens.shape[1])
+            self._batch_step = plan_batch_step(cache, given, tokens.shape[1], weights)
             return None
         if not isinstance(cache, PagedKVCache):
             return None
@@ -280,16 +283,22 @@ class PatchHandle:
                              f"num_kv_heads={self.num_kv_heads})")
         weight = self._weight
         plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
-                                   position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device)
+                                   position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device,
+                                   output_attentions=weights)
         self._rope.ensure(int(plan.positions.max()) + 1)
         return None
 
     def _end_step(self, module, args, kwargs, output):
-        """Commits the step in its PagedKVCache (the cache owns its plan), or drops the continuous-batching one."""
-        self._batch_step = None
+        """Counts the step's op calls; commits it in its PagedKVCache (the cache owns its plan), or drops the
+        continuous-batching one."""
+        step, self._batch_step = self._batch_step, None
         cache = self._step_arguments(args, kwargs)[1]
         if isinstance(cache, PagedKVCache) and cache.current_plan is not None:
+            step = cache.current_plan
             cache.end_forward()
+        if step is not None:
+            self.fused_calls += step.layer_calls.count("fa_fused")
+            self.varlen_calls += step.layer_calls.count("fa_fused_varlen")
         return None
 
     def _step_arguments(self, args, kwargs) -> tuple:
@@ -306,11 +315,8 @@ class PatchHandle:
         cache = cache if cache is not None else past_key_values
         step = self._batch_step
         if self._active and step is not None and cache is step.cache:
-            if needs_only_what_the_ops_give(module, hidden_states, kwargs):
-                if step.decode:
-                    self.fused_calls += 1
-                else:
-                    self.varlen_calls += 1
+            if needs_only_what_the_ops_give(module, hidden_states, step, kwargs):
+                step.layer_calls[module.layer_idx] = "fa_fused" if step.decode else "fa_fused_varlen"
                 return fused_batch_attention(module, hidden_states, position_embeddings, step)
             if step.block_table_path:
                 raise NotImplementedError(
@@ -322,11 +328,13 @@ class PatchHandle:
         plan = cache.current_plan
         if plan is None:
             cache.require_plan(f"layer {module.layer_idx}")  # raises: no step in progress
+        # The calls are recorded in the step and counted when it ends: a counter incremented here would be a constant
+        # to torch.compile (guarded, and replayed as the value it had when traced).
         if can_fuse(module, hidden_states, plan, kwargs):
-            self.fused_calls += 1
+            plan.layer_calls[module.layer_idx] = "fa_fused"
             return fused_decode(module, hidden_states, cache, plan, self._rope.cos, self._rope.sin)
         if can_fuse_several(module, hidden_states, plan, kwargs):
-            self.varlen_calls += 1
+            plan.layer_calls[module.layer_idx] = "fa_fused_varlen"
             return fused_several_tokens(module, hidden_states, cache, plan, self._rope.cos, self._rope.sin)
         # Stock code: the cache's update returns every seen position in DynamicCache's layout, so the model's
         # own mask, attention implementation and attention weights apply unchanged.

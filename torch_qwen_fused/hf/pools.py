@@ -33,6 +33,7 @@ def allocate(layers: Sequence, shape: tuple, dtype: torch.dtype, device) -> None
         # Zeros, not empty: attention may read (masked) slots that were never written, and 0 * NaN is NaN.
         layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        _grows(layer)
         layer.k_scale = None if layer.k_scale is None else layer.k_scale.to(device)
         layer.v_scale = None if layer.v_scale is None else layer.v_scale.to(device)
         layer.is_initialized = True
@@ -46,6 +47,13 @@ def grow(layers: Sequence, num_blocks: int) -> None:
             grown = old.new_zeros((num_blocks,) + tuple(old.shape[1:]))
             grown[: old.shape[0]] = old
             setattr(layer, name, grown)
+        _grows(layer)
+
+
+def _grows(layer) -> None:
+    """A growable pool's block count is dynamic to torch.compile: a compiled layer is not recompiled when it grows."""
+    for pool in (layer.k_cache, layer.v_cache):
+        torch._dynamo.maybe_mark_dynamic(pool, 0)
 
 
 def copy_blocks(layers: Sequence, sources: Sequence[int], targets: Sequence[int]) -> None:

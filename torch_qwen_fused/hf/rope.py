@@ -46,6 +46,8 @@ class ModelRope:
             return
         size = max(positions, MIN_ROPE_TABLE, 2 * self.cos.shape[0] if same_source else 0)
         self.cos, self.sin = self._evaluate(size, inv_freq.device)
+        for table in (self.cos, self.sin):   # dynamic to torch.compile: a compiled layer is not recompiled as they grow
+            torch._dynamo.maybe_mark_dynamic(table, 0)
         if not same_source:
             self._inv_freq, self._version = inv_freq, inv_freq._version
             self._check_theta()

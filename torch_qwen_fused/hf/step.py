@@ -4,7 +4,7 @@
 needs from the cache's rows; ``PagedKVCache.begin_forward`` calls it and holds the plan until ``end_forward``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,6 +29,8 @@ class StepPlan:
     mask_matches_cache: bool     # the step's mask lets each row see exactly its cached tokens (and itself)
     new_blocks: list             # [(row, block)] allocated by this step, undone if the step never commits
     seen_slots: Optional[tuple] = None  # (slots [B, seen], stored [B, seen]) of the past, built on demand
+    output_attentions: bool = False     # the step returns attention weights: every layer runs stock attention
+    layer_calls: list = field(default_factory=list)  # per layer: the op its attention called ("fa_fused", ...) or None
 
     @property
     def has_past(self) -> bool:
@@ -57,7 +59,8 @@ class StepPlan:
 
 
 def plan_step(cache, batch_size: int, query_length: int, attention_mask: Optional[torch.Tensor],
-              position_ids: Optional[torch.Tensor], dtype: Optional[torch.dtype], device) -> StepPlan:
+              position_ids: Optional[torch.Tensor], dtype: Optional[torch.dtype], device,
+              output_attentions: bool = False) -> StepPlan:
     """Plans a forward step of ``query_length`` new tokens per row of ``cache`` (a ``PagedKVCache``), for all layers.
 
     attention_mask [optional]: the 2-D HF mask (batch, seen + query_length) (or (batch, query_length)); its last
@@ -67,6 +70,7 @@ def plan_step(cache, batch_size: int, query_length: int, attention_mask: Optiona
     position_ids [optional]: (batch or 1, query_length), the new tokens' RoPE positions; default
         ``get_seq_length() + arange(query_length)``, as HF does.
     dtype, device: of the pools if the cache has not allocated them yet; ``device`` also of the plan's tensors.
+    output_attentions: whether the step must return attention weights (then no layer calls the ops).
 
     Gives the rows the blocks their real new tokens need (all rows at once) or raises ``OutOfBlocksError`` with
     nothing changed; the plan's ``new_blocks`` lists them, for the cache to undo a step that never commits.
@@ -79,7 +83,9 @@ def plan_step(cache, batch_size: int, query_length: int, attention_mask: Optiona
         raise ValueError(f"PagedKVCache: position_ids must have shape [batch, {query_length}], "
                          f"got {list(position_ids.shape)}")
     else:
-        positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1)
+        # Contiguous: HF's position ids are often a column slice, whose stride would change at every step (and
+        # with it the guards of a compiled layer).
+        positions = position_ids.to(device=device, dtype=torch.long).expand(batch_size, -1).contiguous()
     cache.open_rows(batch_size, device)
     mask_matches_cache = mask_sees_exactly(attention_mask, cache.stored_positions, query_length)
 
@@ -95,7 +101,8 @@ def plan_step(cache, batch_size: int, query_length: int, attention_mask: Optiona
     real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
     return StepPlan(query_length=query_length, seen=seen, real=real, all_real=all_real, positions=positions,
                     past_lens=past, seq_lens=totals.to(torch.int32), slots=slots, real_index=real_index,
-                    real_slots=real_slots, mask_matches_cache=mask_matches_cache, new_blocks=new_blocks)
+                    real_slots=real_slots, mask_matches_cache=mask_matches_cache, new_blocks=new_blocks,
+                    output_attentions=output_attentions, layer_calls=[None] * len(cache.layers))
 
 
 def real_new_tokens(attention_mask, batch_size: int, query_length: int, device) -> torch.Tensor:
