@@ -23,7 +23,8 @@ def test_demo_exits_0_with_tokens_identical_and_every_step_fused(capsys):
     assert "2 torch.ops.qwen.fa_fused calls = 2 decode steps x 1 layers" in printed
     assert "== decode from one 64-token context" in printed
     assert "tokens identical: True; 8 fa_fused calls = 8 steps x 1 layers" in printed
-    assert "== continuous batching: model.generate_batch of the 2 prompts, 3 new tokens each" in printed
+    assert "== continuous batching: model.generate_batch of the 2 prompts (up to their last 16 tokens), 3 new tokens " \
+           "each" in printed
     assert "tokens identical: True; 2 fa_fused + 1 fa_fused_varlen calls" in printed
 
 
