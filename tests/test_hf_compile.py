@@ -1,8 +1,9 @@
-"""A patched model under ``torch.compile``: transformers' own compiled generation (a static cache,
-``CompileConfig(fullgraph=True)``, what its ``test_generate_compile_model_forward_fullgraph`` runs) must trace the
-patched model's hooks and attention in one graph, compile once and give stock's tokens; and with a ``PagedKVCache``
-(the fused path) each compiled decoder layer traces its patched attention, ``fa_fused`` included, in one graph for the
-prefill and one for every decode step (the step is planned by the base model's hook, outside the layers).
+"""A patched model under ``torch.compile``: transformers' own compiled generation (``CompileConfig(fullgraph=True)``,
+what its ``test_generate_compile_model_forward_fullgraph`` runs) compiles the decode forward of the whole model once, in
+one graph, and gives stock's tokens, with a static cache (the stock path: the patch's hooks traced) and with a
+``PagedKVCache`` (the fused path: ``fa_fused`` in the graph, the step planned and committed around it); a forward
+compiled by hand, wrapped by ``PatchHandle.wrap_compiled``, does the same; and each compiled decoder layer traces its
+patched attention in one graph for the prefill and one for every decode step.
 
 The graphs are traced by dynamo and counted, not lowered: tracing is where a graph break or a recompile shows, and it
 keeps the test to seconds (inductor would spend them generating code).
@@ -37,25 +38,74 @@ class Graphs:
         return graph_module.forward
 
 
-def compiled_generate(model, backend):
+def compiled_generate(model, backend, new_tokens=5, **kwargs):
     config = CompileConfig(fullgraph=True, backend=backend, mode=None)
     config._compile_all_devices = True   # transformers compiles on accelerators only, unless told
     ids, mask = prompts("padded")
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                          cache_implementation="static", compile_config=config)
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          compile_config=config, **kwargs)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_static_cache_generation_compiles_fullgraph_once(name):
     model = MODELS[name]()
     torch._dynamo.reset()
-    stock = compiled_generate(model, Graphs())
+    stock = compiled_generate(model, Graphs(), cache_implementation="static")
     torch._dynamo.reset()
     graphs = Graphs()
     with patch_model(model), torch._dynamo.config.patch(error_on_recompile=True):
-        patched = compiled_generate(model, graphs)
+        patched = compiled_generate(model, graphs, cache_implementation="static")
     assert torch.equal(patched, stock)
     assert len(graphs.traced) == 1, "the decode steps were not one compiled graph"
+
+
+@pytest.mark.parametrize("growable", [False, True], ids=["sized", "growing"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_generation_compiles_fullgraph_once(monkeypatch, name, growable):
+    # generate() compiles the whole decode forward when a compile_config asks, a PagedKVCache's too: its step is
+    # planned before the compiled call and committed after it (the planning reads values into Python, which fullgraph
+    # forbids). block_size 4: the block table widens every 4 steps; a growing cache's pools are reallocated larger
+    # during the decode steps; the mask and the seen positions take a column each step. None may recompile.
+    model = FRESH[name]()
+    ids, mask = prompts("padded")
+    new_tokens = 12
+    growths = []
+    monkeypatch.setattr(pools, "grow", lambda layers, num_blocks: growths.append(grow(layers, num_blocks)))
+    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    torch._dynamo.reset()
+    graphs = Graphs()
+    with patch_model(model, block_size=4) as handle, torch._dynamo.config.patch(error_on_recompile=True):
+        patched = compiled_generate(model, graphs, new_tokens, cache=handle.new_cache() if growable else None)
+    assert torch.equal(patched, stock)
+    assert handle.fused_calls == len(model.model.layers) * (new_tokens - 1)
+    assert bool(growths) == growable
+    assert len(graphs.traced) == 1, "the decode steps were not one compiled graph"
+    assert str(graphs.traced[0].graph).count("fa_fused") == len(model.model.layers)
+
+
+def test_wrapped_compiled_forward_decodes_fullgraph_once():
+    # A decode loop of one's own: torch.compile(model, fullgraph=True), wrapped by the handle, with a PagedKVCache.
+    model = FRESH["qwen3"]()
+    ids, mask = prompts("padded")
+    new_tokens = 6
+    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    torch._dynamo.reset()
+    graphs = Graphs()
+    with (patch_model(model, block_size=4) as handle, torch._dynamo.config.patch(error_on_recompile=True),
+          torch.no_grad()):    # the ops are inference-only: with gradients, stock attention runs
+        step = handle.wrap_compiled(torch.compile(model, fullgraph=True, backend=graphs))
+        cache = handle.new_cache()
+        tokens, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+        for _ in range(new_tokens):
+            forward = model if tokens is ids else step      # the prefill eagerly, as generate() does
+            logits = forward(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache).logits
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat((ids, tokens), dim=1)
+            mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
+            positions = positions[:, -1:] + 1
+    assert torch.equal(ids, stock)
+    assert handle.fused_calls == len(model.model.layers) * (new_tokens - 1)
+    assert len(graphs.traced) == 1 and "fa_fused" in str(graphs.traced[0].graph)
 
 
 @pytest.mark.parametrize("growable", [False, True], ids=["sized", "growing"])

@@ -14,6 +14,10 @@ instance, stay stock), hooks its base model to plan each step in a ``PagedKVCach
   normed, roped K and raw V into the pools (padding is dropped) and returns the seen positions in
   ``DynamicCache``'s layout, so stock's masks and attention weights come out as stock's.
 
+``generate(..., compile_config=CompileConfig(fullgraph=True))`` compiles the decode forward once with a
+``PagedKVCache`` too, the step planned and committed around the compiled call (``PatchHandle.wrap_compiled``, which a
+forward compiled by hand can use as well).
+
 With HF's continuous-batching ``PagedAttentionCache`` (``generate_batch``, ``init_continuous_batching``,
 ``transformers serve --continuous-batching``) each step of each layer is one ``fa_fused`` (all decode) or
 ``fa_fused_varlen`` call on HF's own pages (``continuous_batching.py``), and HF's block-table decode path is on.
@@ -50,6 +54,18 @@ class _Missing:
 _MISSING = _Missing()
 _HANDLES = weakref.WeakKeyDictionary()          # model -> its active PatchHandle
 _PATCHED_MODULES = weakref.WeakKeyDictionary()  # attention module -> the PatchHandle that patched it
+
+
+def _parameter_names(module) -> list:
+    """The names of ``module.forward``'s positional-or-keyword parameters, after ``self``."""
+    return [name for name, parameter in inspect.signature(type(module).forward).parameters.items()
+            if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+
+
+def _tokens(given: dict) -> torch.Tensor:
+    """A forward's ``input_ids``, else its ``inputs_embeds``: (batch, new tokens, ...)."""
+    tokens = given.get("input_ids")
+    return tokens if tokens is not None else given.get("inputs_embeds")
 
 
 def _qwen3_classes():
@@ -117,8 +133,8 @@ class PatchHandle:
         # The continuous-batching step between the base model's hooks (a PagedKVCache holds its own step's plan).
         self._batch_step: Optional[BatchStep] = None
         self._managers = []       # weak references to the continuous-batching managers whose decode path it turned on
-        self._base_parameters = [name for name, parameter in inspect.signature(type(base).forward).parameters.items()
-                                 if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+        self._base_parameters = _parameter_names(base)
+        self._model_parameters = _parameter_names(model)
 
     def __deepcopy__(self, memo):
         """Reached through the copied model's hooks and patched methods: the copy's handle, on its modules."""
@@ -200,6 +216,9 @@ class PatchHandle:
         self._hooks.append(self._base.register_forward_hook(self._end_step, with_kwargs=True))
         if hasattr(self.model, "_prepare_cache_for_generation"):
             self._install(self.model, "_prepare_cache_for_generation", "_prepare_cache")
+        if hasattr(self.model, "_valid_auto_compile_criteria"):     # generate()'s compiled decode (GenerationMixin)
+            self._install(self.model, "get_compiled_call", "_get_compiled_call")
+            self._install(self.model, "_valid_auto_compile_criteria", "_valid_auto_compile_criteria")
         if hasattr(self.model, "init_continuous_batching"):
             self._install(self.model, "init_continuous_batching", "_init_continuous_batching")
         self._active = True
@@ -266,45 +285,104 @@ class PatchHandle:
     def _begin_step(self, module, args, kwargs):
         """Plans the step once for all layers, in its PagedKVCache or from HF's continuous-batching arguments, from
         the base model's arguments (Qwen3Model.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds,
-        use_cache, **kwargs))."""
-        given, cache = self._step_arguments(args, kwargs)
-        tokens = given.get("input_ids")
-        tokens = tokens if tokens is not None else given.get("inputs_embeds")
-        weights = output_attentions_requested(module, given)
+        use_cache, **kwargs)); not a step that ``wrap_compiled`` planned ahead."""
+        given, cache = self._step_arguments(self._base_parameters, args, kwargs)
         if is_continuous_batching_cache(cache):
-            self._batch_step = plan_batch_step(cache, given, tokens.shape[1], weights)
+            self._batch_step = plan_batch_step(cache, given, _tokens(given).shape[1],
+                                               output_attentions_requested(module, given))
             return None
-        if not isinstance(cache, PagedKVCache):
-            return None
-        if cache.num_kv_heads != self.num_kv_heads:
-            raise ValueError(f"{type(module).__name__}: the PagedKVCache holds {cache.num_kv_heads} kv heads per "
-                             f"layer, this model's attention has {self.num_kv_heads} (on this rank, under tensor "
-                             f"parallelism); build it with the patch handle's new_cache() or PagedKVCache(config, "
-                             f"num_kv_heads={self.num_kv_heads})")
-        weight = self._weight
-        plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
-                                   position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device,
-                                   output_attentions=weights)
-        self._rope.ensure(int(plan.positions.max()) + 1)
+        if isinstance(cache, PagedKVCache) and not (cache.current_plan is not None and cache.current_plan.ahead):
+            self._plan_step(cache, given)
         return None
 
     def _end_step(self, module, args, kwargs, output):
-        """Counts the step's op calls; commits it in its PagedKVCache (the cache owns its plan), or drops the
-        continuous-batching one."""
+        """Counts the step's op calls and commits it in its PagedKVCache (the cache owns its plan; not a step that
+        ``wrap_compiled`` commits), or drops the continuous-batching one."""
         step, self._batch_step = self._batch_step, None
-        cache = self._step_arguments(args, kwargs)[1]
-        if isinstance(cache, PagedKVCache) and cache.current_plan is not None:
+        cache = self._step_arguments(self._base_parameters, args, kwargs)[1]
+        if isinstance(cache, PagedKVCache) and cache.current_plan is not None and not cache.current_plan.ahead:
             step = cache.current_plan
             cache.end_forward()
+        self._count(step)
+        return None
+
+    def _plan_step(self, cache: PagedKVCache, given: dict):
+        """``cache.begin_forward`` for a forward with these arguments (the base model's, or the model's: the same
+        names); the RoPE tables grown to its positions."""
+        if cache.num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"{type(self._base).__name__}: the PagedKVCache holds {cache.num_kv_heads} kv heads per "
+                             f"layer, this model's attention has {self.num_kv_heads} (on this rank, under tensor "
+                             f"parallelism); build it with the patch handle's new_cache() or PagedKVCache(config, "
+                             f"num_kv_heads={self.num_kv_heads})")
+        tokens, weight = _tokens(given), self._weight
+        plan = cache.begin_forward(tokens.shape[0], tokens.shape[1], attention_mask=given.get("attention_mask"),
+                                   position_ids=given.get("position_ids"), dtype=weight.dtype, device=weight.device,
+                                   output_attentions=output_attentions_requested(self._base, given))
+        self._rope.ensure(int(plan.positions.max()) + 1)
+        return plan
+
+    def _count(self, step) -> None:
         if step is not None:
             self.fused_calls += step.layer_calls.count("fa_fused")
             self.varlen_calls += step.layer_calls.count("fa_fused_varlen")
-        return None
 
-    def _step_arguments(self, args, kwargs) -> tuple:
-        """(the base model's arguments by name, its cache). Bound by zipping the names read once: binding a signature
-        at each step would graph-break under torch.compile (inspect's mapping proxy)."""
-        given = dict(zip(self._base_parameters, args))
+    # ------------------------------------------------------------------ a compiled forward (whole model)
+    def wrap_compiled(self, call):
+        """``call`` (this model's forward compiled whole, e.g. ``torch.compile(model, fullgraph=True)``) with each
+        step through a ``PagedKVCache`` planned before it and committed after it, eagerly; a patched ``generate()``
+        wraps the forward it compiles (``compile_config``) this way.
+
+        The planning (which new tokens are real, the blocks they need, whether the mask sees exactly the cached
+        tokens) reads tensors' values into Python, which ``fullgraph=True`` forbids; inside ``call`` the hooks find
+        the step planned and the layers read the plan's tensors, so every decode step replays one graph. The
+        returned callable takes the model's arguments (``input_ids``, ``attention_mask``, ``position_ids``,
+        ``cache``, ...); any other cache passes through untouched.
+        """
+        def step(*args, **kwargs):
+            given, cache = self._step_arguments(self._model_parameters, args, kwargs)
+            if not (self._active and isinstance(cache, PagedKVCache)):
+                return call(*args, **kwargs)
+            plan = self._plan_step(cache, given)
+            plan.ahead = True
+            # One more seen position each step: dynamic from the first, not a recompile at the second.
+            torch._dynamo.maybe_mark_dynamic(cache.stored_positions, 1)
+            mask = given.get("attention_mask")
+            if mask is not None and mask.dim() == 2:    # (batch, seen + new)
+                torch._dynamo.maybe_mark_dynamic(mask, 1)
+            try:
+                output = call(*args, **kwargs)
+            except BaseException:
+                plan.ahead = False    # undone by the next step's planning, as an eager step that raised
+                raise
+            cache.end_forward()
+            self._count(plan)
+            return output
+
+        return step
+
+    def _get_compiled_call(self, model, original, compile_config):
+        """``generate()``'s compiled forward, wrapped by ``wrap_compiled``."""
+        return self.wrap_compiled(original(compile_config))
+
+    def _valid_auto_compile_criteria(self, model, original, model_kwargs, generation_config):
+        """``generate()``'s choice to compile its decode forward: HF's own criteria, a ``PagedKVCache`` counting as
+        a compileable cache when ``compile_config`` asks for compilation. Not marked ``is_compileable`` for good:
+        HF would then compile it on accelerators unasked and turn each step's 2-D mask into a 4-D one, from which
+        the step's plan cannot tell that the mask sees exactly the cached tokens (no fused decode)."""
+        cache = model_kwargs.get("cache")
+        if not (self._active and isinstance(cache, PagedKVCache) and generation_config.compile_config is not None):
+            return original(model_kwargs, generation_config)
+        cache.is_compileable = True
+        try:
+            return original(model_kwargs, generation_config)
+        finally:
+            del cache.is_compileable
+
+    @staticmethod
+    def _step_arguments(names, args, kwargs) -> tuple:
+        """(a forward's arguments by name, its cache). Bound by zipping the names read once: binding a signature at
+        each step would graph-break under torch.compile (inspect's mapping proxy)."""
+        given = dict(zip(names, args))
         given.update(kwargs)
         cache = given.get("cache")
         return given, cache if cache is not None else given.get("past_key_values")   # the deprecated name

@@ -31,6 +31,7 @@ class StepPlan:
     seen_slots: Optional[tuple] = None  # (slots [B, seen], stored [B, seen]) of the past, built on demand
     output_attentions: bool = False     # the step returns attention weights: every layer runs stock attention
     layer_calls: list = field(default_factory=list)  # per layer: the op its attention called ("fa_fused", ...) or None
+    ahead: bool = False  # planned and committed around a compiled forward (PatchHandle.wrap_compiled), not by its hooks
 
     @property
     def has_past(self) -> bool:
