@@ -2,7 +2,8 @@
 what its ``test_generate_compile_model_forward_fullgraph`` runs) compiles the decode forward of the whole model once, in
 one graph, and gives stock's tokens, with a static cache (the stock path: the patch's hooks traced) and with a
 ``PagedKVCache`` (the fused path: ``fa_fused`` in the graph, the step planned and committed around it); a forward
-compiled by hand, wrapped by ``PatchHandle.wrap_compiled``, does the same; and each compiled decoder layer traces its
+compiled by hand, wrapped by ``PatchHandle.wrap_compiled``, does the same, and so do its steps of stock attention over
+the cache and of several new tokens (``fa_fused_varlen``); and each compiled decoder layer traces its
 patched attention in one graph for the prefill and one for every decode step.
 
 The graphs are traced by dynamo and counted, not lowered: tracing is where a graph break or a recompile shows, and it
@@ -83,8 +84,10 @@ def test_fused_generation_compiles_fullgraph_once(monkeypatch, name, growable):
     assert str(graphs.traced[0].graph).count("fa_fused") == len(model.model.layers)
 
 
-def test_wrapped_compiled_forward_decodes_fullgraph_once():
+@pytest.mark.parametrize("grad", [False, True], ids=["fa_fused", "stock_attention"])
+def test_wrapped_compiled_forward_decodes_fullgraph_once(grad):
     # A decode loop of one's own: torch.compile(model, fullgraph=True), wrapped by the handle, with a PagedKVCache.
+    # With gradients on the ops are not used (inference-only): the stock attention reads the cache, in one graph too.
     model = FRESH["qwen3"]()
     ids, mask = prompts("padded")
     new_tokens = 6
@@ -92,7 +95,7 @@ def test_wrapped_compiled_forward_decodes_fullgraph_once():
     torch._dynamo.reset()
     graphs = Graphs()
     with (patch_model(model, block_size=4) as handle, torch._dynamo.config.patch(error_on_recompile=True),
-          torch.no_grad()):    # the ops are inference-only: with gradients, stock attention runs
+          torch.set_grad_enabled(grad)):
         step = handle.wrap_compiled(torch.compile(model, fullgraph=True, backend=graphs))
         cache = handle.new_cache()
         tokens, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
@@ -104,8 +107,35 @@ def test_wrapped_compiled_forward_decodes_fullgraph_once():
             mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
             positions = positions[:, -1:] + 1
     assert torch.equal(ids, stock)
-    assert handle.fused_calls == len(model.model.layers) * (new_tokens - 1)
-    assert len(graphs.traced) == 1 and "fa_fused" in str(graphs.traced[0].graph)
+    assert handle.fused_calls == (0 if grad else len(model.model.layers) * (new_tokens - 1))
+    assert len(graphs.traced) == 1 and ("fa_fused" in str(graphs.traced[0].graph)) != grad
+
+
+def test_wrapped_compiled_forward_of_several_tokens_compiles_once():
+    # Steps of 2 new tokens over the cache (a chunked prefill, assisted decoding's verification): fa_fused_varlen in
+    # one graph for all of them, the same logits as the eager patched model.
+    model = FRESH["qwen3"]()
+    ids, mask = prompts("padded")
+    new = torch.randint(1, model.config.vocab_size, (ids.shape[0], 6), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    graphs = Graphs()
+    runs = []
+    with (patch_model(model, block_size=4) as handle, torch._dynamo.config.patch(error_on_recompile=True),
+          torch.no_grad()):
+        step = handle.wrap_compiled(torch.compile(model, fullgraph=True, backend=graphs))
+        for forward in (model, step):
+            cache, seen, positions = handle.new_cache(), mask, (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids, attention_mask=seen, position_ids=positions, cache=cache)
+            logits = []
+            for start in range(0, new.shape[1], 2):
+                seen = torch.cat((seen, seen.new_ones(seen.shape[0], 2)), dim=1)
+                positions = positions[:, -1:] + torch.arange(1, 3)
+                logits.append(forward(input_ids=new[:, start:start + 2], attention_mask=seen, position_ids=positions,
+                                      cache=cache).logits)
+            runs.append(torch.stack(logits))
+    assert torch.equal(runs[1], runs[0])
+    assert handle.varlen_calls == 2 * len(model.model.layers) * new.shape[1] // 2
+    assert len(graphs.traced) == 1 and "fa_fused_varlen" in str(graphs.traced[0].graph)
 
 
 @pytest.mark.parametrize("growable", [False, True], ids=["sized", "growing"])

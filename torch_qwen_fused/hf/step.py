@@ -18,6 +18,8 @@ class StepPlan:
 
     query_length: int
     seen: int                    # positions seen per row before this step (padding included)
+    has_past: bool               # seen > 0: attention reads the seen positions from the cache (a compiled step guards
+                                 # on this flag, not on the count, which grows at every step)
     real: torch.Tensor           # [B, q] bool: which new tokens are real (not padding)
     all_real: bool
     positions: torch.Tensor      # [B, q] int64: HF position ids (RoPE positions) of the new tokens
@@ -32,11 +34,6 @@ class StepPlan:
     output_attentions: bool = False     # the step returns attention weights: every layer runs stock attention
     layer_calls: list = field(default_factory=list)  # per layer: the op its attention called ("fa_fused", ...) or None
     ahead: bool = False  # planned and committed around a compiled forward (PatchHandle.wrap_compiled), not by its hooks
-
-    @property
-    def has_past(self) -> bool:
-        """Attention must read the seen positions from the cache (HF's mask spans seen + q)."""
-        return self.seen > 0
 
     @property
     def decode_positions(self) -> torch.Tensor:
@@ -100,10 +97,10 @@ def plan_step(cache, batch_size: int, query_length: int, attention_mask: Optiona
     all_real = bool(real.all())
     real_index = None if all_real else real.reshape(-1).nonzero().squeeze(1)
     real_slots = slots.reshape(-1) if all_real else slots.reshape(-1).index_select(0, real_index)
-    return StepPlan(query_length=query_length, seen=seen, real=real, all_real=all_real, positions=positions,
-                    past_lens=past, seq_lens=totals.to(torch.int32), slots=slots, real_index=real_index,
-                    real_slots=real_slots, mask_matches_cache=mask_matches_cache, new_blocks=new_blocks,
-                    output_attentions=output_attentions, layer_calls=[None] * len(cache.layers))
+    return StepPlan(query_length=query_length, seen=seen, has_past=seen > 0, real=real, all_real=all_real,
+                    positions=positions, past_lens=past, seq_lens=totals.to(torch.int32), slots=slots,
+                    real_index=real_index, real_slots=real_slots, mask_matches_cache=mask_matches_cache,
+                    new_blocks=new_blocks, output_attentions=output_attentions, layer_calls=[None] * len(cache.layers))
 
 
 def real_new_tokens(attention_mask, batch_size: int, query_length: int, device) -> torch.Tensor:
