@@ -274,7 +274,7 @@ def run_shape(shape: Shape, args: argparse.Namespace, flusher: common.CacheFlush
                                     before_call=flusher)
     base = {"B": shape.batch, "L": shape.context, "dtype": shape.dtype_name, "block": shape.block,
             "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
-            "kv_bytes": shape.kv_bytes}
+            "kv_bytes": shape.kv_bytes, "path": torch_qwen_fused.cpu_attention_path(shape.cache_dtype)}
     records = []
     for name, fn in methods.items():
         record = dict(base, method=name, **common.summarize(times[name]))
@@ -304,7 +304,7 @@ def print_tables(results: List[Dict[str, object]]) -> None:
         floor = methods.get("floor", {})
         bf16_fused = by_shape.get((batch, context, "bf16", block), {}).get("fused", {}).get("median_s")
         rows.append({
-            "B": batch, "L": context, "dtype": dtype, "block": block,
+            "B": batch, "L": context, "dtype": dtype, "block": block, "path": methods["fused"]["path"],
             **{name: common.fmt_time(median.get(name)) for name in MAIN_METHODS},
             "floor GB/s": f"{floor['kv_gbps']:.1f}" if floor else "-",
             "floor reader": floor.get("floor_reader", "-"),
@@ -320,7 +320,7 @@ def print_tables(results: List[Dict[str, object]]) -> None:
                                for name in MAIN_METHODS if name in methods}})
     print("Median time per call (min/max and every rep in the JSON); ratios of medians:")
     print(common.format_table(rows, ["B", "L", "dtype", "block", *MAIN_METHODS, "floor GB/s", "floor reader",
-                                     "fused/floor", "eager/fused", "gather/fused", "contig/fused", "fp8/bf16"]))
+                                     "fused/floor", "eager/fused", "gather/fused", "contig/fused", "fp8/bf16", "path"]))
     if any("peak_extra_bytes" in record for record in results):
         print("\nPeak memory allocated during one call, beyond its inputs (output included):")
         print(common.format_table(memory_rows, list(memory_rows[0])))

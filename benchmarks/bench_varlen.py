@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import torch_qwen_fused
 from benchmarks import common, plot  # noqa: E402
 from torch_qwen_fused import demo  # noqa: E402
 from torch_qwen_fused.testing import make_case  # noqa: E402
@@ -78,6 +79,7 @@ def verification_calls(batch: int, context: int, counts) -> dict:
 
 def bench_op(args, flusher, progress) -> list:
     results = []
+    path = torch_qwen_fused.cpu_attention_path(torch.bfloat16)
     for batch in args.batches:
         for context in args.contexts:
             methods = verification_calls(batch, context, args.new_tokens)
@@ -88,7 +90,7 @@ def bench_op(args, flusher, progress) -> list:
                 summary = common.summarize(samples)
                 count = 1 if name.startswith("decode") else int(name.split()[1])
                 results.append({"part": "op", "B": batch, "L": context, "method": name, "new_tokens": count,
-                                **summary, "vs_decode": summary["median_s"] / decode})
+                                **summary, "vs_decode": summary["median_s"] / decode, "path": path})
             progress(f"op B={batch} L={context}: " + ", ".join(
                 f"{r['method']} {r['median_s'] * 1e3:.2f} ms (x{r['vs_decode']:.2f})"
                 for r in results[-len(times):]))
@@ -178,8 +180,8 @@ def main(argv=None) -> int:
     common.write_json(args.output, payload)
     plot.plot_results(payload, args.output.with_suffix(".png"))
     rows = [{"B": r["B"], "L": r["L"], "method": r["method"], "median": common.fmt_time(r["median_s"]),
-             "vs decode": f"{r['vs_decode']:.2f}"} for r in payload["results"]]
-    print(common.format_table(rows, ["B", "L", "method", "median", "vs decode"]))
+             "vs decode": f"{r['vs_decode']:.2f}", "path": r["path"]} for r in payload["results"]]
+    print(common.format_table(rows, ["B", "L", "method", "median", "vs decode", "path"]))
     for r in payload.get("hf_results", []):
         print(f"HF assisted decoding L={r['L']}, {r['layers']} layers: {r['method']} {r['tokens_per_s']:.2f} tokens/s "
               f"(agreement with stock {r['token_agreement_with_stock']:.2f})")

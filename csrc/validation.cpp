@@ -1,6 +1,8 @@
 // The argument checks of qwen::fa_fused and qwen::fa_fused_varlen: see validation.h.
 #include "validation.h"
 
+#include "cache_dtype.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
@@ -22,9 +24,7 @@ constexpr int64_t kMaxHeadDim = 256;
 
 bool is_supported_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
-bool is_cache_dtype(at::ScalarType t) {
-  return is_supported_dtype(t) || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
-}
+bool is_cache_dtype(at::ScalarType t) { return cache_dtype_of(t).has_value(); }
 
 // Norm weights and RoPE tables are read value by value (float_at), in any of these.
 bool is_table_dtype(at::ScalarType t) { return is_supported_dtype(t) || t == at::kDouble; }
@@ -132,8 +132,8 @@ void check_shapes(const FaFusedArgs& a) {
     TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef({num_blocks, block_size, num_kv_heads, head_dim}), op, ": ", name,
                       " must have shape [", num_blocks, ", ", block_size, ", ", num_kv_heads, ", ", head_dim, "], got ",
                       shape_of(*t));
-    TORCH_CHECK_VALUE(is_cache_dtype(t->scalar_type()), op, ": ", name,
-                      " must be float32, float16, bfloat16, float8_e4m3fn or float8_e5m2, got ", dtype_name(*t));
+    TORCH_CHECK_VALUE(is_cache_dtype(t->scalar_type()), op, ": ", name, " must be ", cache_dtype_names(), ", got ",
+                      dtype_name(*t));
     // Each block contiguous, blocks at least a block apart: stride(0) may exceed the block (one layer's pages
     // in a buffer that interleaves layers, or K and V, as HF's continuous-batching cache does).
     const int64_t block_elements = block_size * num_kv_heads * head_dim;

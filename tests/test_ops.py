@@ -56,6 +56,31 @@ def test_unknown_instruction_set_is_refused_before_any_write(fresh_env):
     assert torch.equal(case.k_cache, before.k_cache) and torch.equal(case.v_cache, before.v_cache)
 
 
+CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_attention_path_names_the_kernel_that_reads_the_cache(fresh_env, isa, cache_dtype):
+    """A forced ISA is the widest kernel a call may take: the kernels say which cache dtypes they read, and one
+    that cannot read a dtype (AVX-512 and fp8 today) hands it to the next narrower one, never to a wider one."""
+    if not cpu_supports(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernel")
+    fresh_env.setenv("TORCH_QWEN_FUSED_CPU_ISA", isa)
+    path = torch_qwen_fused.cpu_attention_path(cache_dtype)
+    taken = path.split(":")[0]
+    narrower_or_same = ["avx512", "avx2", "generic"][["avx512", "avx2", "generic"].index(isa):]
+    assert taken in narrower_or_same, path
+    if cache_dtype.itemsize > 1:
+        assert taken == isa, path
+    assert ("pairs" in path) == (taken == "avx2" and cache_dtype == torch.bfloat16), path
+
+
+def test_attention_path_refuses_a_dtype_no_cache_has():
+    with pytest.raises(ValueError, match="cache_dtype must be float32, float16, bfloat16, float8_e4m3fn or"):
+        torch_qwen_fused.cpu_attention_path(torch.int8)
+
+
 @pytest.mark.parametrize("chunk_tokens", [None, "1", "32", "100", "1000000"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_split_on_and_off(fresh_env, chunk_tokens, dtype):

@@ -12,7 +12,8 @@ from . import _C  # noqa: F401
 from .backends import eager, npu  # noqa: F401
 from . import fake  # noqa: F401
 from . import ops
-from .ops import BACKENDS, fa_fused, fa_fused_varlen, reload_cpu_switches
+from .ops import BACKENDS, cpu_attention_path, fa_fused, fa_fused_varlen, reload_cpu_switches
 from .rope import rope_cos_sin
 
-__all__ = ["fa_fused", "fa_fused_varlen", "rope_cos_sin", "reload_cpu_switches", "BACKENDS", "ops"]
+__all__ = ["fa_fused", "fa_fused_varlen", "rope_cos_sin", "reload_cpu_switches", "cpu_attention_path", "BACKENDS",
+           "ops"]

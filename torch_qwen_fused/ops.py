@@ -7,7 +7,7 @@ import torch
 
 from .backends.eager import fa_fused_eager, fa_fused_varlen_eager
 
-__all__ = ["fa_fused", "fa_fused_varlen", "reload_cpu_switches", "BACKENDS"]
+__all__ = ["fa_fused", "fa_fused_varlen", "reload_cpu_switches", "cpu_attention_path", "BACKENDS"]
 
 BACKENDS = ("cpu", "eager", "pypto")
 BACKEND_ENV = "TORCH_QWEN_FUSED_BACKEND"
@@ -160,3 +160,9 @@ def reload_cpu_switches() -> None:
     """Makes the CPU kernel read ``TORCH_QWEN_FUSED_CPU_ISA`` and ``TORCH_QWEN_FUSED_KV_CHUNK`` again at its
     next call (it reads them, and the CPU's features, once per process)."""
     torch.ops.qwen.reload_cpu_switches()
+
+
+def cpu_attention_path(cache_dtype: torch.dtype) -> str:
+    """The CPU kernel a call over a ``cache_dtype`` cache takes on this machine (under the current switches) and how
+    it computes, e.g. ``"avx2: fp32 FMA, 8 lanes"``: the widest kernel the CPU runs that reads that dtype."""
+    return torch.ops.qwen.cpu_attention_path(cache_dtype)

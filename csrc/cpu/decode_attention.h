@@ -30,7 +30,7 @@ enum class CacheDtype { kFloat, kBFloat16, kHalf, kFloat8E4M3, kFloat8E5M2 };
 constexpr int64_t kTokenTile = 16;
 
 // The order of head_dim in the prepared q and in the partial outputs. Natural, but for the AVX2 kernel over a
-// bf16 cache (attends_in_pairs): there each group of kPairGroup elements holds its 8 even elements, then its 8
+// bf16 cache (AttentionKernel::pairs): there each group of kPairGroup elements holds its 8 even elements, then its 8
 // odd ones, the order in which that kernel widens 16 bf16 of one 256-bit load (VecAVX2::load_pair). A dot
 // product and a weighted sum of V rows do not care about the order, as long as q, K, V and the output agree.
 constexpr int64_t kPairGroup = 16;
@@ -93,13 +93,23 @@ struct AttentionProblem {
 // Attends work items [begin, end); scratch holds scratch_floats() floats owned by the caller's thread.
 using AttendFn = void (*)(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
 
-void attend_generic(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
-void attend_avx2(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
-void attend_avx512(const AttentionProblem&, int64_t begin, int64_t end, float* scratch);
+constexpr uint32_t dtype_bit(CacheDtype dtype) { return uint32_t{1} << static_cast<int>(dtype); }
 
-// Whether `attend` over a cache of `dtype` wants q, and gives the partial outputs, in paired order (kPairGroup).
-inline bool attends_in_pairs(AttendFn attend, CacheDtype dtype) {
-  return attend == attend_avx2 && dtype == CacheDtype::kBFloat16;
-}
+// A per-ISA kernel and what it does, exported by its own file (kernel_*.cpp, from its vector type, see
+// describe_kernel): the host picks a kernel for a call from these facts, not from copies of them.
+struct AttentionKernel {
+  const char* isa;  // "generic", "avx2", "avx512"
+  AttendFn attend;
+  uint32_t reads;          // dtype_bit of every cache dtype it reads
+  uint32_t reads_paired;   // of those, the ones it reads in paired order: q and the partial outputs in kPairGroup order
+  const char* arithmetic;  // how it computes q.k and p.v, as benchmarks report it
+
+  bool can_read(CacheDtype dtype) const { return reads & dtype_bit(dtype); }
+  bool pairs(CacheDtype dtype) const { return reads_paired & dtype_bit(dtype); }
+};
+
+extern const AttentionKernel kGenericKernel;
+extern const AttentionKernel kAvx2Kernel;
+extern const AttentionKernel kAvx512Kernel;
 
 }  // namespace qwen_fused

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cache_dtype.h"
 #include "../validation.h"
 #include "decode_attention.h"
 
@@ -42,26 +43,29 @@ constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kMinParallelValues = 32768;
 constexpr int64_t kFloatsPerCacheLine = 64 / sizeof(float);
 
-// The attention kernel for this CPU; TORCH_QWEN_FUSED_CPU_ISA=generic|avx2|avx512 forces one
-// (tests use it to cover every variant the machine can run).
-AttendFn select_attention_kernel() {
+// The kernels, widest first. A call takes the first one, from the widest this CPU runs (or the one
+// TORCH_QWEN_FUSED_CPU_ISA=generic|avx2|avx512 names: tests use it to cover every variant the machine can run),
+// that reads its cache dtype: today fp8 caches go from the AVX-512 kernel, which has no fp8 loads, to AVX2's.
+constexpr const AttentionKernel* kKernels[] = {&kAvx512Kernel, &kAvx2Kernel, &kGenericKernel};
+constexpr int64_t kNumKernels = sizeof(kKernels) / sizeof(kKernels[0]);
+
+// Index in kKernels of the widest kernel a call may take.
+int64_t select_widest_kernel() {
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool runs[] = {has_avx512, has_avx2, true};
   const char* forced = std::getenv("TORCH_QWEN_FUSED_CPU_ISA");
   const std::string isa = forced ? forced : "";
-  if (isa == "generic") return attend_generic;
-  if (isa == "avx2") {
-    TORCH_CHECK(has_avx2, "fa_fused: TORCH_QWEN_FUSED_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-    return attend_avx2;
+  for (int64_t i = 0; i < kNumKernels; ++i) {
+    if (isa.empty() ? runs[i] : isa == kKernels[i]->isa) {
+      TORCH_CHECK(runs[i], "fa_fused: TORCH_QWEN_FUSED_CPU_ISA=", isa, " but this CPU lacks ",
+                  i == 0 ? "AVX-512 F/BW/VL/DQ" : "AVX2/FMA");
+      return i;
+    }
   }
-  if (isa == "avx512") {
-    TORCH_CHECK(has_avx512, "fa_fused: TORCH_QWEN_FUSED_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/DQ");
-    return attend_avx512;
-  }
-  TORCH_CHECK(isa.empty(), "fa_fused: TORCH_QWEN_FUSED_CPU_ISA must be generic, avx2 or avx512, got '", isa, "'");
-  return has_avx512 ? attend_avx512 : has_avx2 ? attend_avx2 : attend_generic;
+  TORCH_CHECK(false, "fa_fused: TORCH_QWEN_FUSED_CPU_ISA must be generic, avx2 or avx512, got '", isa, "'");
 }
 
 // TORCH_QWEN_FUSED_KV_CHUNK as a positive token count (digits only; more than int64 holds saturates,
@@ -82,8 +86,7 @@ int64_t forced_chunk_tokens() {
 // neither queries cpuid nor reads the environment. qwen::reload_cpu_switches() forgets them (tests that
 // change a switch); a bad switch raises at every call until it is fixed and reloaded.
 struct CpuSwitches {
-  AttendFn attend;
-  AttendFn attend_float8;       // for fp8 caches: the AVX-512 kernel has no fp8 loads, AVX2's stands in for it
+  int64_t widest_kernel;        // index in kKernels
   int64_t forced_chunk_tokens;  // 0: choose per call
 };
 
@@ -92,11 +95,16 @@ std::optional<CpuSwitches> cached_switches;
 
 CpuSwitches cpu_switches() {
   std::lock_guard<std::mutex> lock(switches_mutex);
-  if (!cached_switches) {
-    const AttendFn attend = select_attention_kernel();
-    cached_switches = CpuSwitches{attend, attend == attend_avx512 ? attend_avx2 : attend, forced_chunk_tokens()};
-  }
+  if (!cached_switches) cached_switches = CpuSwitches{select_widest_kernel(), forced_chunk_tokens()};
   return *cached_switches;
+}
+
+// The kernel that attends over a cache of `dtype`: the widest allowed one that reads it.
+const AttentionKernel& kernel_for(const CpuSwitches& switches, CacheDtype dtype) {
+  for (int64_t i = switches.widest_kernel; i < kNumKernels; ++i)
+    if (kKernels[i]->can_read(dtype)) return *kKernels[i];
+  TORCH_CHECK(false, "fa_fused: no CPU attention kernel from ", kKernels[switches.widest_kernel]->isa, " down reads a ",
+              cache_dtype_name(dtype), " cache");
 }
 
 void reload_cpu_switches() {
@@ -119,23 +127,6 @@ int64_t choose_chunk_len(int64_t batch, int64_t max_len, int64_t forced) {
   const int64_t chunk_len = (max_len + chunks - 1) / chunks;
   return (chunk_len + kTokenTile - 1) / kTokenTile * kTokenTile;
 }
-
-CacheDtype cache_dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return CacheDtype::kFloat;
-    case at::kBFloat16:
-      return CacheDtype::kBFloat16;
-    case at::kHalf:
-      return CacheDtype::kHalf;
-    case at::kFloat8_e4m3fn:
-      return CacheDtype::kFloat8E4M3;
-    default:
-      return CacheDtype::kFloat8E5M2;
-  }
-}
-
-bool is_float8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
 
 // x (already divided by the layer's scale) in the cache dtype, rounded to nearest even; fp8 saturates to its
 // finite range (overflow never becomes Inf or NaN; a NaN stays NaN).
@@ -373,8 +364,9 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   const RopeInputs rope =
       gather_rope_inputs(args.q_norm_weight, args.k_norm_weight, args.cos, args.sin, plan.positions, head_dim);
   const at::Tensor q_in = q.contiguous(), k_in = k.contiguous(), v_in = v.contiguous();
-  const AttendFn attend = is_float8(k_cache.scalar_type()) ? switches.attend_float8 : switches.attend;
-  const bool paired = attends_in_pairs(attend, cache_dtype_of(k_cache.scalar_type()));
+  const CacheDtype cache_dtype = *cache_dtype_of(k_cache.scalar_type());  // validated
+  const AttentionKernel& kernel = kernel_for(switches, cache_dtype);
+  const bool paired = kernel.pairs(cache_dtype);
   // Everything is checked: from here on the caches get written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_prepare", [&] {
     using q_t = scalar_t;
@@ -388,7 +380,7 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   problem.q = q_prepared;
   problem.k_cache = k_cache.const_data_ptr();
   problem.v_cache = v_cache.const_data_ptr();
-  problem.cache_dtype = cache_dtype_of(k_cache.scalar_type());
+  problem.cache_dtype = cache_dtype;
   problem.block_table = table.const_data_ptr<int32_t>();
   problem.seq_lens = lens.const_data_ptr<int32_t>();
   // Short contexts: all items on the calling thread (waking the pool costs more than it saves).
@@ -398,7 +390,7 @@ at::Tensor attend_cpu(const FaFusedArgs& args, at::Tensor& k_cache, at::Tensor& 
   // later breaks when another thread changes torch's thread count in between (heap corruption).
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(problem.scratch_floats());
-    attend(problem, begin, end, scratch.data());
+    kernel.attend(problem, begin, end, scratch.data());
   });
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fa_fused_merge",
@@ -430,6 +422,15 @@ at::Tensor fa_fused_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const a
       k_cache, v_cache, eps, scale);
 }
 
+// Which kernel a call over a cache of `dtype` takes on this CPU, and how it computes (benchmarks report it).
+std::string cpu_attention_path(at::ScalarType dtype) {
+  const std::optional<CacheDtype> cache_dtype = cache_dtype_of(dtype);
+  TORCH_CHECK_VALUE(cache_dtype, "cpu_attention_path: cache_dtype must be ", cache_dtype_names(), ", got ", dtype);
+  const AttentionKernel& kernel = kernel_for(cpu_switches(), *cache_dtype);
+  return std::string(kernel.isa) + ": " + kernel.arithmetic +
+         (kernel.pairs(*cache_dtype) ? ", bf16 widened in even/odd pairs" : "");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
@@ -441,6 +442,7 @@ TORCH_LIBRARY_FRAGMENT(qwen, m) {
   // Forgets the CPU kernel's switches (TORCH_QWEN_FUSED_CPU_ISA, TORCH_QWEN_FUSED_KV_CHUNK): the next call
   // reads them again.
   m.def("reload_cpu_switches() -> ()", &reload_cpu_switches);
+  m.def("cpu_attention_path(ScalarType cache_dtype) -> str", &cpu_attention_path);
 }
 
 }  // namespace qwen_fused

@@ -6,4 +6,7 @@ namespace qwen_fused {
 void attend_generic(const AttentionProblem& p, int64_t begin, int64_t end, float* scratch) {
   attend_items<VecGeneric>(p, begin, end, scratch);
 }
+
+const AttentionKernel kGenericKernel =
+    describe_kernel<VecGeneric>("generic", attend_generic, "fp32 multiply-add, 8 lanes (plain C++)");
 }  // namespace qwen_fused

@@ -52,6 +52,26 @@ struct VecAVX2 {
     const __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x7f)));
     return _mm256_blendv_ps(value, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), _mm256_castsi256_ps(nan));
   }
+  // 16 fp8 at once (elements 0-7, then 8-15): widened to 16 bits in one register, made binary16 and converted
+  // half by half. E5M2 is the upper byte of a binary16.
+  static void load_pair(const Float8E5M2Bits* p, reg& low, reg& high) {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i half = _mm256_slli_epi16(bytes, 8);
+    low = _mm256_cvtph_ps(_mm256_castsi256_si128(half));
+    high = _mm256_cvtph_ps(_mm256_extracti128_si256(half, 1));
+  }
+  // E4M3fn S.EEEE.MMM as the binary16 S.0EEEE.MMM0000000, the value / 256 as in load() (the byte shifted to the top
+  // and back by one keeps the sign on top, a mask clears its copy); S.1111.111 (NaN) as all ones, a NaN.
+  static void load_pair(const Float8E4M3Bits* p, reg& low, reg& high) {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i shifted = _mm256_srai_epi16(_mm256_slli_epi16(bytes, 8), 1);
+    const __m256i magnitude_bits = _mm256_set1_epi16(0x7f);
+    const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(bytes, magnitude_bits), magnitude_bits);
+    const __m256i half = _mm256_or_si256(_mm256_and_si256(shifted, _mm256_set1_epi16(static_cast<short>(0xbf80))), nan);
+    const __m256 unscale = _mm256_set1_ps(256.f);
+    low = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), unscale);
+    high = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), unscale);
+  }
   static void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
