@@ -49,6 +49,7 @@ QWEN_INLINE void score_heads(const float* q, int64_t head_dim, const T* const* k
     for (int g = 0; g < NG; ++g) acc[t][g] = V::zero();
   if constexpr (reads_pairs<V, T>()) {
     // head_dim is a multiple of 16 (validated): whole pairs only.
+#pragma GCC unroll 8
     for (int64_t d = 0; d < head_dim; d += 2 * V::kWidth) {
       typename V::reg k[TOKENS][2];
       for (int t = 0; t < TOKENS; ++t) V::load_pair(k_rows[t] + d, k[t][0], k[t][1]);
