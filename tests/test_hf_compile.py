@@ -47,6 +47,18 @@ def compiled_generate(model, backend, new_tokens=5, **kwargs):
                           compile_config=config, **kwargs)
 
 
+def stock_run_recording_growth(monkeypatch, name, new_tokens):
+    """A fresh model, its padded prompts and stock's tokens, with pools.grow recorded into the returned list and
+    dynamo reset: (model, ids, mask, stock, growths)."""
+    model = FRESH[name]()
+    ids, mask = prompts("padded")
+    growths = []
+    monkeypatch.setattr(pools, "grow", lambda layers, num_blocks: growths.append(grow(layers, num_blocks)))
+    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    torch._dynamo.reset()
+    return model, ids, mask, stock, growths
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_static_cache_generation_compiles_fullgraph_once(name):
     model = MODELS[name]()
@@ -67,13 +79,8 @@ def test_fused_generation_compiles_fullgraph_once(monkeypatch, name, growable):
     # planned before the compiled call and committed after it (the planning reads values into Python, which fullgraph
     # forbids). block_size 4: the block table widens every 4 steps; a growing cache's pools are reallocated larger
     # during the decode steps; the mask and the seen positions take a column each step. None may recompile.
-    model = FRESH[name]()
-    ids, mask = prompts("padded")
     new_tokens = 12
-    growths = []
-    monkeypatch.setattr(pools, "grow", lambda layers, num_blocks: growths.append(grow(layers, num_blocks)))
-    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-    torch._dynamo.reset()
+    model, ids, mask, stock, growths = stock_run_recording_growth(monkeypatch, name, new_tokens)
     graphs = Graphs()
     with patch_model(model, block_size=4) as handle, torch._dynamo.config.patch(error_on_recompile=True):
         patched = compiled_generate(model, graphs, new_tokens, cache=handle.new_cache() if growable else None)
@@ -145,13 +152,8 @@ def test_fused_decode_layers_compile_fullgraph_once(monkeypatch, name, growable)
     # reallocated larger during the decode steps. Neither may recompile a layer.
     # A model of its own: one that ever returned attention weights carries transformers' output-capturing hooks on its
     # attention modules, which read a ContextVar (no graph through a single layer then, stock or patched).
-    model = FRESH[name]()
-    ids, mask = prompts("padded")
     new_tokens = 12
-    growths = []
-    monkeypatch.setattr(pools, "grow", lambda layers, num_blocks: growths.append(grow(layers, num_blocks)))
-    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-    torch._dynamo.reset()
+    model, ids, mask, stock, growths = stock_run_recording_growth(monkeypatch, name, new_tokens)
     graphs = Graphs()
     layers = model.model.layers
     with patch_model(model, block_size=4) as handle:
