@@ -260,7 +260,7 @@ void attend_item(const AttentionProblem& p, int64_t item, float* scratch) {
     const int64_t num_tokens = end - tile < kTokenTile ? end - tile : kTokenTile;
     for (int64_t j = 0; j < num_tokens; ++j) token_offsets[j] = cursor.next();
     // The K/V rows of the tile kPrefetchTilesAhead ahead, prefetched kv head by kv head while this tile is
-    // scored (prefetch_head_rows). Blocks are scattered and a kv head's rows are a token stride apart, which the
+    // scored (prefetch_head_row). Blocks are scattered and a kv head's rows are a token stride apart, which the
     // hardware prefetchers do not follow.
     const int64_t ahead = tile + kPrefetchTilesAhead * kTokenTile;
     const int64_t ahead_count = ahead < end ? (end - ahead < kTokenTile ? end - ahead : kTokenTile) : 0;
